@@ -1,0 +1,44 @@
+"""The ``crate-alpha`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_convert(sub) -> None:
+    conv = sub.add_parser("convert", help="convert released weights to a timm / open_clip folder")
+    csub = conv.add_subparsers(dest="source", required=True)
+    p = csub.add_parser("official-torch", help="the official PyTorch .pth (classifier or CLIPA)")
+    p.add_argument("src", help="official .pth state dict")
+    p.add_argument("out_dir", help="model folder to write (must not exist unless --force)")
+    p.add_argument("--heads", type=int, help="vision attention heads (not stored in the weights)")
+    p.add_argument("--text-heads", type=int, help="text attention heads (default: width // 64)")
+    p.add_argument("--model", help="a released model name whose head counts to use")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="crate-alpha", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    args = parser.parse_args(argv)
+
+    from .convert import ConversionError
+
+    try:
+        if args.command == "convert" and args.source == "official-torch":
+            from .convert import convert_official_torch
+
+            info = convert_official_torch(args.src, args.out_dir, heads=args.heads,
+                                          text_heads=args.text_heads, model=args.model,
+                                          force=args.force)
+            print(json.dumps(info, indent=2))
+    except ConversionError as e:
+        print(f"crate-alpha: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

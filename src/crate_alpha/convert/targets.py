@@ -1,0 +1,132 @@
+"""What a converted checkpoint becomes: timm model arguments and open_clip model configs.
+
+Shared by every source layout (official PyTorch, big_vision), which all describe the same
+two models: a CRATE-α classifier and a CLIPA image-text model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..crate_alpha import (
+    CRATE_ALPHA_SIZES,
+    _VARIANTS,
+    custom_variant_name,
+    list_crate_alpha_models,
+    variant_args,
+    variant_name,
+)
+from .folders import ConversionError
+
+OPEN_CLIP_NAMES = {
+    "crate-alpha-B-32": "crate_alpha_base_patch32_224",
+    "crate-alpha-B-16": "crate_alpha_base_patch16_224",
+    "crate-alpha-B-8": "crate_alpha_base_patch8_224",
+    "crate-alpha-L-32": "crate_alpha_large_patch32_224",
+    "crate-alpha-L-14": "crate_alpha_large_patch14_224",
+    "crate-alpha-L-8": "crate_alpha_large_patch8_224",
+    "crate-alpha-H-14": "crate_alpha_huge_patch14_224",
+    "crate-alpha-CLIPA-L-14": "crate_alpha_large_patch14_224",
+    "crate-alpha-CLIPA-H-14": "crate_alpha_huge_patch14_224",
+}
+# Text heads of the released CLIPA models (the official code uses width // 64).
+CLIPA_TEXT_HEADS = {"crate-alpha-CLIPA-L-14": 16, "crate-alpha-CLIPA-H-14": 16}
+
+
+def known_model_names() -> list:
+    return list_crate_alpha_models() + list(OPEN_CLIP_NAMES)
+
+
+def model_heads(model: Optional[str]) -> Optional[int]:
+    """Vision heads of a named model (timm or open_clip name), or None when no name."""
+    if model is None:
+        return None
+    timm_name = OPEN_CLIP_NAMES.get(model, model)
+    try:
+        return variant_args(timm_name)["num_heads"]
+    except ValueError:
+        raise ConversionError(
+            f"unknown model name {model!r}; CRATE-α names are: {', '.join(known_model_names())}"
+        ) from None
+
+
+def resolve_heads(width: int, heads: Optional[int], model: Optional[str], what: str = "vision") -> int:
+    """Head count: --heads, else --model, else the paper's size with this width."""
+    named = model_heads(model)
+    if heads is None:
+        heads = named
+    if heads is None:
+        by_width = {w: h for w, _, h in CRATE_ALPHA_SIZES.values()}
+        heads = by_width.get(width)
+    if heads is None:
+        raise ConversionError(
+            f"cannot tell the {what} head count of width {width} from the weights (MSSA's shared "
+            f"projection has no head axis); pass --heads N or --model NAME")
+    if width % heads:
+        raise ConversionError(f"{what} width {width} is not divisible by {heads} heads")
+    return heads
+
+
+def resolve_text_heads(width: int, text_heads: Optional[int], model: Optional[str]) -> int:
+    if model is not None:
+        model_heads(model)  # validates the name
+    heads = text_heads or CLIPA_TEXT_HEADS.get(model) or max(width // 64, 1)
+    if width % heads:
+        raise ConversionError(f"text width {width} is not divisible by {heads} heads; pass --text-heads N")
+    return heads
+
+
+def trunk_name(width: int, depth: int, heads: int, patch: int, res: int) -> str:
+    """The registered timm name of this shape, or its shape name when none is registered."""
+    for size, p, r in _VARIANTS:
+        if (CRATE_ALPHA_SIZES[size] == (width, depth, heads) and p == patch and r == res):
+            return variant_name(size, p, r)
+    return custom_variant_name(width, depth, heads, patch, res)
+
+
+def classifier_args(width, depth, heads, patch, res, num_classes, head_norm_eps, patch_bias=True):
+    return dict(
+        embed_dim=width, depth=depth, num_heads=heads, patch_size=patch, img_size=res,
+        num_classes=num_classes, global_pool="token", class_token=True, pos_embed="learn",
+        patch_bias=patch_bias, head_norm_eps=head_norm_eps,
+    )
+
+
+def clipa_model_cfg(embed_dim, vision_name, res, vocab, context, text_width, text_heads, text_layers,
+                    text_mlp_ratio=4.0) -> dict:
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {
+            "image_size": res,
+            "timm_model_name": vision_name,
+            "timm_model_pretrained": False,
+            "timm_pool": "token",
+            "timm_proj": "linear",
+            "timm_proj_bias": False,
+        },
+        "text_cfg": {
+            "context_length": context,
+            "vocab_size": vocab,
+            "width": text_width,
+            "heads": text_heads,
+            "layers": text_layers,
+            "mlp_ratio": text_mlp_ratio,
+            "pool_type": "last",
+            "no_causal_mask": True,
+            "act_kwargs": {"approximate": "tanh"},
+            "norm_kwargs": {"eps": 1e-6},
+            "hf_tokenizer_name": "bert-base-uncased",
+            "tokenizer_kwargs": {"strip_sep_token": True},
+        },
+    }
+
+
+def clipa_preprocess_cfg(res: int) -> dict:
+    return {
+        "size": res,
+        "mean": list(IMAGENET_DEFAULT_MEAN),
+        "std": list(IMAGENET_DEFAULT_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
