@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("CRATE_ALPHA_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    assert FIXTURES.is_dir(), f"reference fixtures not found at {FIXTURES} (set CRATE_ALPHA_FIXTURES)"
+    return FIXTURES
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
