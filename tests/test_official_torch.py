@@ -141,8 +141,10 @@ def test_neither_layout(tmp_path):
 
 @pytest.mark.parametrize("edit,match", [
     (lambda sd: sd.pop("transformer.layers.0.1.fn.D1"), "missing keys: transformer.layers.0.1.fn.D1"),
-    (lambda sd: sd.__setitem__("transformer.layers.0.extra", torch.zeros(1)), "unexpected keys: transformer.layers.0.extra"),
-    (lambda sd: sd.__setitem__("transformer.layers.0.1.fn.D", torch.zeros(32, 100)), r"transformer.layers.0.1.fn.D\b.*\(32, 100\)|blocks.0.mlp.D.*\(32, 100\)"),
+    (lambda sd: sd.__setitem__("transformer.layers.0.extra", torch.zeros(1)),
+     "unexpected keys: transformer.layers.0.extra"),
+    (lambda sd: sd.__setitem__("transformer.layers.0.1.fn.D", torch.zeros(32, 100)),
+     r"transformer.layers.0.1.fn.D has shape \(32, 100\)"),
     (lambda sd: sd.__setitem__("cls_token", torch.zeros(1, 2, 32)), r"cls_token has shape \(1, 2, 32\)"),
 ])
 def test_bad_keys_and_shapes_are_named(tmp_path, edit, match):

@@ -151,8 +151,8 @@ def convert_classifier(sd: StateDict, heads: Optional[int] = None, model: Option
         out[f"{t}.attn.proj.weight"] = to_out if to_out is not None else torch.eye(width)
         out[f"{t}.norm2.weight"] = sd[f"{b}.1.norm.weight"]
         out[f"{t}.norm2.bias"] = sd[f"{b}.1.norm.bias"]
-        out[f"{t}.mlp.D"] = sd[f"{b}.1.fn.D"]
-        out[f"{t}.mlp.D1"] = sd[f"{b}.1.fn.D1"]
+        out[f"{t}.mlp.D"] = _expect_shape(sd, f"{b}.1.fn.D", (width, 4 * width))
+        out[f"{t}.mlp.D1"] = _expect_shape(sd, f"{b}.1.fn.D1", (width, 4 * width))
     # The official head LayerNorm is torch's default (eps 1e-5); block norms use 1e-6.
     args = classifier_args(width, depth, heads, patch, res, num_classes, head_norm_eps=1e-5)
     return trunk_name(width, depth, heads, patch, res), args, out
@@ -235,8 +235,8 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
         out[f"{t}.attn.proj.weight"] = sd[f"{b}.attn.out_proj.weight"]
         out[f"{t}.norm2.weight"] = sd[f"{b}.ln_2.weight"]
         out[f"{t}.norm2.bias"] = sd[f"{b}.ln_2.bias"]
-        out[f"{t}.mlp.D"] = sd[f"{b}.mlp.c_fc"]
-        out[f"{t}.mlp.D1"] = sd[f"{b}.mlp.c_proj"]
+        out[f"{t}.mlp.D"] = _expect_shape(sd, f"{b}.mlp.c_fc", (width, 4 * width))
+        out[f"{t}.mlp.D1"] = _expect_shape(sd, f"{b}.mlp.c_proj", (width, 4 * width))
     for i in range(text_layers):
         b = f"transformer.resblocks.{i}"
         for k in sd:
