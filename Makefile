@@ -3,8 +3,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench demo clean
+.PHONY: venv test lint bench model-table clean
 
+# The environment is (re)built whenever setup.py changes; every install step lives here.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
@@ -18,6 +19,12 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m crate_alpha.bench
+
+model-table: $(STAMP)
+	$(PY) -m crate_alpha.model_table
 
 clean:
 	rm -rf $(VENV) runs
