@@ -16,6 +16,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--text-heads", type=int, help="text attention heads (default: width // 64)")
     p.add_argument("--model", help="a released model name whose head counts to use")
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    p = csub.add_parser("big-vision", help="a big_vision .npz (classifier, CLIPA two towers, or FILE.npz:img)")
+    p.add_argument("src", help="big_vision .npz; FILE.npz:img converts only the image tower to a timm folder")
+    p.add_argument("out_dir", help="model folder to write (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
 
 
 def main(argv=None) -> int:
@@ -34,6 +38,10 @@ def main(argv=None) -> int:
                                           text_heads=args.text_heads, model=args.model,
                                           force=args.force)
             print(json.dumps(info, indent=2))
+        elif args.command == "convert" and args.source == "big-vision":
+            from .convert.big_vision import convert_big_vision
+
+            print(json.dumps(convert_big_vision(args.src, args.out_dir, force=args.force), indent=2))
     except ConversionError as e:
         print(f"crate-alpha: error: {e}", file=sys.stderr)
         return 2
