@@ -22,9 +22,28 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) -m crate_alpha.bench
+	$(PY) -m data_pipeline bench
 
 model-table: $(STAMP)
 	$(PY) -m crate_alpha.model_table
 
 clean:
 	rm -rf $(VENV) runs
+
+# ---- data pipeline ------------------------------------------------------------------
+DATA_OUT ?= runs/demo/data
+METADATA ?= metadata
+SHARDS ?= shards
+.PHONY: data-demo data-download data-verify bench-data
+
+data-demo: $(STAMP)
+	$(PY) -m data_pipeline demo --out $(DATA_OUT)
+
+data-download: $(STAMP)
+	$(PY) -m data_pipeline download $(METADATA) --out $(SHARDS)
+
+data-verify: $(STAMP)
+	$(PY) -m data_pipeline verify $(SHARDS)
+
+bench-data: $(STAMP)
+	$(PY) -m data_pipeline bench
