@@ -21,3 +21,13 @@ def fixtures() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The digits demo corpus, built once per test session through the real downloader."""
+    from crate_alpha.data.digits import build_demo
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    info = build_demo(out)
+    return out, info

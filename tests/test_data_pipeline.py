@@ -1,0 +1,187 @@
+"""Data pipeline: img2dataset round trip over loopback, resume, verify, damaged shards, fast decode."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from crate_alpha.data import verify as verify_mod
+from crate_alpha.data.decode import SkipCounter, decode_crop, shard_loader, train_transform
+from crate_alpha.data.download import DataError, download
+from data_helpers import RoutesServer, SilentServer, jpeg_bytes, read_shards, sha, write_tar
+
+
+def _bomb_png() -> bytes:
+    # Just above PIL's limit (MAX_IMAGE_PIXELS), which PIL itself only warns about until
+    # twice the limit; the pipeline rejects it outright.
+    side_w, side_h = 9500, 9500  # 90.25 M pixels > 89.48 M
+    assert side_w * side_h > Image.MAX_IMAGE_PIXELS
+    buf = io.BytesIO()
+    Image.new("L", (side_w, side_h), 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory):
+    good = {f"g{i:02d}": jpeg_bytes(i) for i in range(12)}
+    full = jpeg_bytes(99)
+    routes = {f"/{k}.jpg": v for k, v in good.items()}
+    text, bomb = b"this is not an image at all" * 10, _bomb_png()
+    routes["/text.jpg"] = text
+    routes["/trunc.jpg"] = full[: len(full) // 2]
+    routes["/bomb.png"] = bomb
+    server, silent = RoutesServer(routes), SilentServer()
+    rows = [{"uid": k, "url": f"{server.url}/{k}.jpg", "text": f"caption {k}", "sha256": sha(v),
+             "clip_l14_similarity_score": 0.4} for k, v in good.items()]
+    rows += [
+        {"uid": "missing1", "url": f"{server.url}/nope1.jpg", "text": "x", "sha256": None, "clip_l14_similarity_score": 0.4},
+        {"uid": "missing2", "url": f"{server.url}/nope2.jpg", "text": "x", "sha256": None, "clip_l14_similarity_score": 0.4},
+        {"uid": "silent", "url": f"{silent.url}/a.jpg", "text": "x", "sha256": None, "clip_l14_similarity_score": 0.4},
+        {"uid": "text", "url": f"{server.url}/text.jpg", "text": "x", "sha256": sha(text), "clip_l14_similarity_score": 0.4},
+        {"uid": "trunc", "url": f"{server.url}/trunc.jpg", "text": "x", "sha256": sha(full),
+         "clip_l14_similarity_score": 0.4},
+        {"uid": "bomb", "url": f"{server.url}/bomb.png", "text": "x", "sha256": sha(bomb), "clip_l14_similarity_score": 0.4},
+        {"uid": "lowscore", "url": f"{server.url}/g00.jpg", "text": "x", "sha256": sha(good["g00"]),
+         "clip_l14_similarity_score": 0.1},
+    ]
+    meta = tmp_path_factory.mktemp("meta") / "part0.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), meta)
+    yield meta, good, server
+    server.close()
+    silent.close()
+
+
+def test_round_trip_keeps_every_good_sample_once(mixed_corpus, tmp_path):
+    meta, good, _ = mixed_corpus
+    s = download([meta], tmp_path / "shards", image_size=32, samples_per_shard=5, threads=4, timeout=2,
+                 filters=["clip_l14_similarity_score>=0.3"])
+    assert s["rows_in"] == 19 and s["rows_kept"] == 18
+    samples, counts = read_shards(tmp_path / "shards")
+    uids = sorted(json.loads(v["json"])["uid"] for v in samples.values())
+    assert uids == sorted(good)
+    assert max(counts.values()) == 1
+    for v in samples.values():
+        meta_row = json.loads(v["json"])
+        assert v["txt"].decode() == f"caption {meta_row['uid']}"
+        assert min(Image.open(io.BytesIO(v["jpg"])).size) == 32  # shorter side, ratio kept
+    r = s["failures_by_reason"]
+    assert r["http 404"] == 2
+    assert r["timeout"] == 1
+    assert r["not a decodable image"] == 1
+    assert r["hash mismatch (truncated or altered file)"] == 1
+    assert r["image too large (decompression-bomb limit)"] == 1
+    assert s["successes"] == 12 and s["count"] == 18 and s["images_per_second"] > 0
+    assert json.loads((tmp_path / "shards" / "_pipeline" / "summary.json").read_text())["successes"] == 12
+
+
+def test_bad_filter_and_paths(mixed_corpus, tmp_path):
+    meta, _, _ = mixed_corpus
+    with pytest.raises(DataError, match="no column 'clip_score'.*clip_l14_similarity_score"):
+        download([meta], tmp_path / "o", filters=["clip_score>=0.3"])
+    with pytest.raises(DataError, match="does not exist"):
+        download([tmp_path / "nothing.parquet"], tmp_path / "o")
+
+
+def test_resume_after_kill_has_no_duplicates(tmp_path):
+    good = {f"k{i:03d}": jpeg_bytes(100 + i, size=(40, 40)) for i in range(24)}
+    server = RoutesServer({f"/{k}.jpg": v for k, v in good.items()}, delay=0.15)
+    try:
+        rows = [{"uid": k, "url": f"{server.url}/{k}.jpg", "text": k, "sha256": sha(v)} for k, v in good.items()]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+        out = tmp_path / "shards"
+        code = ("import sys; from crate_alpha.data.download import download; "
+                f"download([{str(tmp_path / 'm.parquet')!r}], {str(out)!r}, image_size=32, samples_per_shard=4, "
+                "threads=1, timeout=5)")
+        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(out.glob("*_stats.json"))) < 2:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done_before = len(list(out.glob("*_stats.json")))
+        assert 2 <= done_before < 6, "the kill should land mid-way"
+        s = download([tmp_path / "m.parquet"], out, image_size=32, samples_per_shard=4, threads=4, timeout=5)
+        samples, counts = read_shards(out)
+        assert sorted(json.loads(v["json"])["uid"] for v in samples.values()) == sorted(good)
+        assert max(counts.values()) == 1
+        assert s["successes"] == 24
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def damaged_shards(tmp_path):
+    good = lambda i: {"jpg": jpeg_bytes(i), "txt": f"caption {i}".encode()}  # noqa: E731
+    d = tmp_path / "shards"
+    d.mkdir()
+    write_tar(d / "00000.tar", [(f"a{i}", good(i)) for i in range(4)])
+    write_tar(d / "00001.tar", [("b0", good(10)), ("b1", {"jpg": b"\xff\xd8garbage", "txt": b"x"}),
+                                ("b2", {"jpg": jpeg_bytes(11)}), ("b3", good(12))])
+    full = io.BytesIO()
+    write_tar(d / "00002.tar", [(f"c{i}", good(20 + i)) for i in range(4)])
+    data = (d / "00002.tar").read_bytes()
+    (d / "00002.tar").write_bytes(data[: len(data) // 2 + 100])
+    del full
+    return d
+
+
+def test_verify_names_damage(damaged_shards):
+    reports = {r.shard: r for r in verify_mod.verify_folder(damaged_shards)}
+    assert reports["00000.tar"].ok and reports["00000.tar"].samples == 4
+    b = "\n".join(reports["00001.tar"].problems)
+    assert "b1: image does not decode" in b and "b2: sample without caption" in b
+    assert any("truncated or unreadable tar" in p for p in reports["00002.tar"].problems)
+    r = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(damaged_shards)],
+                       capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 1
+    assert "00001.tar: b1: image does not decode" in r.stdout and "00001.tar: b2: sample without caption" in r.stdout
+    assert "00002.tar: (tar): truncated" in r.stdout and "--train-num-samples" in r.stdout
+
+
+def test_loader_skips_and_counts_damage(damaged_shards):
+    counter = SkipCounter()
+    tf = train_transform(16, (0.5,) * 3, (0.5,) * 3)
+    urls = [str(p) for p in sorted(damaged_shards.glob("*.tar"))]
+    images, texts = [], []
+    for batch in shard_loader(urls, tf, batch_size=3, counter=counter):
+        images.append(batch[0])
+        texts += batch[1]
+    good_a = [f"caption {i}" for i in range(4)]
+    assert texts[:4] == good_a and "caption 10" in texts and "caption 12" in texts
+    assert "x" not in texts  # the undecodable image's sample
+    assert counter.count >= 3  # bad image, missing caption, truncated tar
+    assert images[0].shape[1:] == (3, 16, 16)
+
+
+def test_fast_decode_matches_plain_crop():
+    import torchvision.transforms.functional as TF
+
+    x, y = np.meshgrid(np.linspace(0, 1, 340), np.linspace(0, 1, 256))
+    arr = np.stack([np.sin(6 * y) * np.cos(5 * x), x * y, np.cos(3 * y) * np.sin(4 * x)], -1) * 127 + 128
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    for box in [(0, 0, 256, 340), (10, 40, 200, 180), (30, 20, 120, 100)]:
+        fast = np.asarray(decode_crop(data, 84, box, draft=True), float)
+        plain = np.asarray(TF.resized_crop(full, *box, [84, 84], interpolation=TF.InterpolationMode.BICUBIC), float)
+        assert np.abs(fast - plain).mean() < 2.0, box
+    # the large crop was really decoded at reduced size
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (170, 128))
+    assert im.size == (170, 128)
+
+
+def test_cli_errors_name_the_path(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(tmp_path / "none")],
+                       capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 2 and str(tmp_path / "none") in r.stderr and "Traceback" not in r.stderr
