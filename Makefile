@@ -47,3 +47,28 @@ data-verify: $(STAMP)
 
 bench-data: $(STAMP)
 	$(PY) -m data_pipeline bench
+
+# ---- CLIPA training ----------------------------------------------------------------
+# make pretrain DATA='shards/{00000..00099}.tar' NPROC=8 [NNODES=2 TORCHRUN_ARGS='--rdzv-endpoint host:29500'] ARGS='global_batch=4096'
+RECIPE ?= configs/clipa_crate_alpha_L14_84_pretrain.py
+FT_RECIPE ?= configs/clipa_crate_alpha_L14_224_finetune.py
+DATA ?=
+OUT ?= runs/clipa
+NPROC ?= 1
+NNODES ?= 1
+TORCHRUN_ARGS ?=
+ARGS ?=
+TRAIN = $(if $(filter 11,$(NPROC)$(NNODES)),$(PY),$(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(NPROC) $(TORCHRUN_ARGS)) -m crate_alpha.train
+.PHONY: pretrain finetune demo demo-baseline
+
+pretrain: $(STAMP)
+	$(TRAIN) $(RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(ARGS)
+
+finetune: $(STAMP)
+	$(TRAIN) $(FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(ARGS)
+
+demo: $(STAMP)
+	$(PY) -m crate_alpha.demo
+
+demo-baseline: $(STAMP)
+	$(PY) -m crate_alpha.demo --baseline

@@ -18,8 +18,10 @@ def test_list_models_has_all():
 @pytest.mark.parametrize("name", NAMES)
 def test_every_open_clip_model_runs(name):
     cfg = open_clip.get_model_config(name)
-    patch = crate_alpha.variant_args(cfg["vision_cfg"]["timm_model_name"])["patch_size"]
-    size = cfg["vision_cfg"]["image_size"] if name == "crate-alpha-demo" else 2 * patch
+    vision = cfg["vision_cfg"]
+    patch = (crate_alpha.variant_args(vision["timm_model_name"])["patch_size"] if "timm_model_name" in vision
+             else vision["patch_size"])
+    size = vision["image_size"] if "demo" in name else 2 * patch
     model = open_clip.create_model(name, force_image_size=size).eval()
     ctx = cfg["text_cfg"]["context_length"]
     with torch.no_grad():

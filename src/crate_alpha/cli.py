@@ -22,10 +22,20 @@ def _add_convert(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a training checkpoint (epoch_*.pt) as an open_clip local-dir folder")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--model", required=True, help="the open_clip model name it was trained as")
+    p.add_argument("--image-size", type=int, help="resolution it was trained at (default: from the weights)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="crate-alpha", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    _add_export(sub)
     args = parser.parse_args(argv)
 
     from .convert import ConversionError
@@ -42,6 +52,11 @@ def main(argv=None) -> int:
             from .convert.big_vision import convert_big_vision
 
             print(json.dumps(convert_big_vision(args.src, args.out_dir, force=args.force), indent=2))
+        elif args.command == "export":
+            from .convert.folders import export_open_clip_checkpoint
+
+            out = export_open_clip_checkpoint(args.checkpoint, args.model, args.out_dir, args.image_size, args.force)
+            print(f"wrote {out}; load with open_clip.create_model_and_transforms('local-dir:{out}')")
     except ConversionError as e:
         print(f"crate-alpha: error: {e}", file=sys.stderr)
         return 2

@@ -116,15 +116,55 @@ def write_timm_folder(out_dir: os.PathLike, architecture: str, model_args: dict,
 def write_open_clip_folder(out_dir: os.PathLike, model_cfg: dict, state: Dict[str, torch.Tensor],
                            preprocess_cfg: dict, force: bool = False) -> Path:
     """A folder for ``open_clip.create_model_and_transforms("local-dir:OUT_DIR")``."""
-    import copy
-
     import open_clip
 
     import crate_alpha  # noqa: F401  (registers the vision trunks)
 
-    model = open_clip.model.CLIP(**copy.deepcopy(model_cfg))
+    model = open_clip.model.CLIP(**copy_cfg(model_cfg))
     load_strict(model, state, "converted CLIP model")
     with atomic_dir(out_dir, force) as tmp:
         _save_tensors(state, tmp / OPEN_CLIP_WEIGHTS)
         _write_json({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, tmp / OPEN_CLIP_CONFIG)
     return Path(out_dir)
+
+
+def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_dir: os.PathLike,
+                                image_size: int | None = None, force: bool = False) -> Path:
+    """A training checkpoint (open_clip_train's epoch_*.pt) as an open_clip ``local-dir:`` folder."""
+    import open_clip
+
+    import crate_alpha  # noqa: F401
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        names = ", ".join(n for n in open_clip.list_models() if "crate" in n or "demo" in n)
+        raise ConversionError(f"unknown open_clip model {model_name!r}; CRATE-α models: {names}")
+    if not Path(checkpoint).is_file():
+        raise ConversionError(f"checkpoint {checkpoint} does not exist")
+    obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if image_size is None:
+        trunk_pos = state.get("visual.trunk.pos_embed")
+        if trunk_pos is not None:
+            import math
+            from .. import variant_args
+
+            patch = variant_args(cfg["vision_cfg"]["timm_model_name"])["patch_size"]
+            image_size = math.isqrt(trunk_pos.shape[1] - 1) * patch
+    if image_size is not None and image_size != cfg["vision_cfg"].get("image_size"):
+        cfg["vision_cfg"]["image_size"] = image_size
+        if "timm_model_name" in cfg["vision_cfg"]:
+            from .. import custom_variant_name, variant_args
+
+            a = variant_args(cfg["vision_cfg"]["timm_model_name"])
+            cfg["vision_cfg"]["timm_model_name"] = custom_variant_name(
+                a["embed_dim"], a["depth"], a["num_heads"], a["patch_size"], image_size)
+    pp = {"size": cfg["vision_cfg"].get("image_size", 224)}  # open_clip's default normalisation, as trained
+    return write_open_clip_folder(out_dir, cfg, state, pp, force=force)
+
+
+def copy_cfg(cfg: dict) -> dict:
+    import copy
+
+    return copy.deepcopy(cfg)

@@ -1,0 +1,5 @@
+import sys
+
+from .clip import main
+
+sys.exit(main())

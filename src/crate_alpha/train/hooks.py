@@ -1,0 +1,150 @@
+"""Small, named adjustments to open_clip_train, installed by the launcher in its own process.
+
+open_clip_train has no plug-in points for these, so each one replaces a single module
+attribute of ``open_clip_train.main`` / ``open_clip_train.data`` (never a file):
+
+* atomic checkpoints: it writes ``epoch_N.pt`` in place, so a kill during the write would
+  leave a half-written file that ``--resume latest`` may pick; its ``torch`` is given an
+  atomic ``save`` (temporary file, then rename);
+* counted skips: damaged samples and shards are skipped (as before) and also counted in a
+  counter shared with the data-loader workers, reported at the end of training;
+* fused AdamW: one fused kernel per step instead of a Python loop over parameter
+  tensors (on the 2-core demo, 0.23 -> 0.19 s per step);
+* reduced-size JPEG decode: images stay encoded through webdataset's decode stage and the
+  training transform decodes them with ``crate_alpha.data.decode`` (draft mode).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+import types
+
+import torch
+
+_log = logging.getLogger(__name__)
+
+
+def atomic_save(obj, f, *args, **kwargs):
+    if isinstance(f, (str, os.PathLike)):
+        f = os.fspath(f)
+        tmp = f"{f}.partial-{os.getpid()}"
+        try:
+            torch.save(obj, tmp, *args, **kwargs)
+            os.replace(tmp, f)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        torch.save(obj, f, *args, **kwargs)
+
+
+class _TorchWithAtomicSave(types.ModuleType):
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return atomic_save if name == "save" else getattr(torch, name)
+
+
+class SharedSkipCounter:
+    """A webdataset handler: skip the damaged item, count it across worker processes."""
+
+    def __init__(self):
+        self.value = multiprocessing.Value("l", 0)
+
+    def __call__(self, exn: BaseException) -> bool:
+        with self.value.get_lock():
+            self.value.value += 1
+        _log.warning("skipping damaged data (%s: %s)", type(exn).__name__, exn)
+        return True
+
+    @property
+    def count(self) -> int:
+        return int(self.value.value)
+
+
+class BytesOrImage:
+    """Apply ``on_bytes`` to still-encoded images and ``on_image`` to PIL images."""
+
+    def __init__(self, on_bytes, on_image):
+        self.on_bytes, self.on_image = on_bytes, on_image
+
+    def __call__(self, x):
+        if isinstance(x, (bytes, bytearray)):
+            return self.on_bytes(bytes(x))
+        return self.on_image(x)
+
+    def __repr__(self):
+        return f"BytesOrImage(bytes={self.on_bytes!r})"
+
+
+def install(counter: SharedSkipCounter, fast_decode: bool) -> None:
+    import open_clip_train.data as data
+    import open_clip_train.main as main
+
+    if getattr(main, "_crate_alpha_hooks", None) is not None:
+        main._crate_alpha_hooks.value = counter.value  # already installed: count into the new counter
+        return
+    main._crate_alpha_hooks = counter
+    main.torch = _TorchWithAtomicSave()
+
+    class _Optim(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch.optim, name)
+
+        @staticmethod
+        def AdamW(params, **kwargs):  # noqa: N802 - mirrors torch.optim.AdamW
+            params = list(params)
+            tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+            if all(p.device.type in ("cpu", "cuda") for p in tensors):
+                kwargs.setdefault("fused", True)
+            return torch.optim.AdamW(params, **kwargs)
+
+    main.optim = _Optim("torch.optim")
+
+    data.log_and_continue = counter
+    data.tarfile_to_samples_nothrow.__defaults__ = (counter,)
+    keep = data.filter_no_caption_or_no_image
+
+    def counted_filter(sample):
+        ok = keep(sample)
+        if not ok:
+            counter(ValueError(f"sample {sample.get('__key__')} has no image or no caption"))
+        return ok
+
+    data.filter_no_caption_or_no_image = counted_filter
+
+    if not fast_decode:
+        return
+    import webdataset as wds
+    from PIL import Image
+
+    from ..data.decode import train_transform
+
+    class _Wds(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(wds, name)
+
+        @staticmethod
+        def decode(*handlers, **kwargs):
+            # leave images encoded ("pilrgb" dropped); text is still decoded
+            return wds.decode(*[h for h in handlers if h != "pilrgb"], **kwargs)
+
+    data.wds = _Wds("webdataset")
+    create = main.create_model_and_transforms
+
+    def create_with_fast_decode(*args, **kwargs):
+        model, pp_train, pp_val = create(*args, **kwargs)
+        cfg = model.visual.preprocess_cfg
+        size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+        fast = train_transform(size, cfg["mean"], cfg["std"], scale=(0.9, 1.0))
+
+        def pil(b):
+            return Image.open(io.BytesIO(b)).convert("RGB")
+
+        return (model, BytesOrImage(fast, pp_train),
+                BytesOrImage(lambda b: pp_val(pil(b)), pp_val))
+
+    main.create_model_and_transforms = create_with_fast_decode
