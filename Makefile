@@ -72,3 +72,26 @@ demo: $(STAMP)
 
 demo-baseline: $(STAMP)
 	$(PY) -m crate_alpha.demo --baseline
+
+# ---- classification ------------------------------------------------------------------
+CLS_RECIPE ?= configs/cls_crate_alpha_B16_in21k_pretrain.py
+CLS_FT_RECIPE ?= configs/cls_crate_alpha_B16_in1k_finetune.py
+VAL ?=
+CKPT ?=
+MODEL ?=
+EVAL_OUT ?= runs/cls/eval.json
+CLS = $(if $(filter 11,$(NPROC)$(NNODES)),$(PY),$(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(NPROC) $(TORCHRUN_ARGS)) -m crate_alpha.classify train
+.PHONY: cls-pretrain cls-finetune cls-eval demo-cls
+
+cls-pretrain: $(STAMP)
+	$(CLS) $(CLS_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(ARGS)
+
+cls-finetune: $(STAMP)
+	$(CLS) $(CLS_FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(ARGS)
+
+# make cls-eval VAL=/data/imagenet/val MODEL=local-dir:out/crate-alpha-L14   (or CKPT=runs/cls/.../latest.pt)
+cls-eval: $(STAMP)
+	$(PY) -m crate_alpha.classify eval --data "$(VAL)" --output $(EVAL_OUT) $(if $(MODEL),--model "$(MODEL)") $(if $(CKPT),--checkpoint "$(CKPT)")
+
+demo-cls: $(STAMP)
+	$(PY) -m crate_alpha.classify demo

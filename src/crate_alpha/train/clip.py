@@ -179,7 +179,10 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
         if int(os.environ.get("RANK", "0")) == 0:
             init = prepare_init(cfg, run_dir)
         else:
+            deadline = time.time() + 3600
             while not init_path.exists():
+                if time.time() > deadline:
+                    raise RecipeError(f"rank 0 did not write {init_path} within an hour")
                 time.sleep(0.5)
             init = str(init_path)
     args = open_clip_args(cfg, sched, n, init)

@@ -61,11 +61,11 @@ class RecipeError(ValueError):
     """A recipe or override that cannot be used; the message names it."""
 
 
-def _check_keys(keys: Iterable[str], where: str) -> None:
-    unknown = sorted(set(keys) - set(DEFAULTS))
+def _check_keys(keys: Iterable[str], where: str, defaults: Dict[str, Any]) -> None:
+    unknown = sorted(set(keys) - set(defaults))
     if unknown:
         raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)} in {where}; known keys: "
-                          + ", ".join(sorted(DEFAULTS)))
+                          + ", ".join(sorted(defaults)))
 
 
 def parse_value(raw: str) -> Any:
@@ -79,8 +79,10 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def load_recipe(path: Optional[str], overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    cfg = dict(DEFAULTS)
+def load_recipe(path: Optional[str], overrides: Iterable[str] = (),
+                defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    defaults = DEFAULTS if defaults is None else defaults
+    cfg = dict(defaults)
     if path:
         p = Path(path)
         if not p.is_file():
@@ -91,17 +93,17 @@ def load_recipe(path: Optional[str], overrides: Iterable[str] = ()) -> Dict[str,
         if not hasattr(mod, "get_config"):
             raise RecipeError(f"recipe {p} defines no get_config()")
         values = dict(mod.get_config())
-        _check_keys(values, str(p))
+        _check_keys(values, str(p), defaults)
         cfg.update(values)
         cfg["name"] = cfg["name"] or p.stem
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        _check_keys([key], "the command line")
+        _check_keys([key], "the command line", defaults)
         cfg[key] = parse_value(raw)
     cfg["name"] = cfg["name"] or "run"
-    if cfg["pos_embed_init"] not in ("resample", "sincos"):
+    if cfg.get("pos_embed_init", "resample") not in ("resample", "sincos"):
         raise RecipeError(f"pos_embed_init must be 'resample' or 'sincos', got {cfg['pos_embed_init']!r}")
     return cfg
 

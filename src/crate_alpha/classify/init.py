@@ -1,0 +1,79 @@
+"""Starting weights for a classifier: our checkpoints, an open_clip CRATE-α checkpoint's image
+tower, or a converted released-weights folder (``local-dir:``)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from ..train.recipe import RecipeError
+
+_log = logging.getLogger(__name__)
+
+
+def read_state(source: str) -> Dict[str, torch.Tensor]:
+    """The encoder+head state dict (timm key names) held by ``source``."""
+    if source.startswith("local-dir:"):
+        d = Path(source[len("local-dir:"):])
+        f = d / "model.safetensors"
+        if not f.is_file():
+            raise RecipeError(f"{d} is not a timm model folder (no model.safetensors)")
+        from safetensors.torch import load_file
+
+        return load_file(str(f))
+    if not os.path.isfile(source):
+        raise RecipeError(f"init_from checkpoint {source} does not exist")
+    obj = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"]  # ours
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if any(k.startswith("visual.trunk.") for k in sd):  # an open_clip CRATE-α CLIP model
+        return {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
+    return sd
+
+
+def local_dir_args(source: str) -> Dict:
+    cfg = json.loads((Path(source[len("local-dir:"):]) / "config.json").read_text())
+    return {"architecture": cfg["architecture"], **cfg.get("model_args", {})}
+
+
+def load_encoder(model: torch.nn.Module, source: str, new_head: bool, load_patch_embed: bool) -> dict:
+    """Load ``source`` into ``model``; position grids are resampled by the model itself."""
+    sd = dict(read_state(source))
+    report = {"source": source, "dropped": []}
+    head_w = sd.get("head.weight")
+    own = model.state_dict()
+    if head_w is not None and not new_head:
+        if "head.weight" not in own or own["head.weight"].shape != head_w.shape:
+            theirs = head_w.shape[0]
+            ours = own["head.weight"].shape[0] if "head.weight" in own else 0
+            raise RecipeError(f"{source} has a {theirs}-class head but the model has {ours} classes; set "
+                              "new_head=True to start a new head (or num_classes to match)")
+    if new_head or head_w is None:
+        for k in ("head.weight", "head.bias"):
+            if k in sd:
+                sd.pop(k)
+                report["dropped"].append(k)
+    if not load_patch_embed:
+        # the official fine-tuning re-initialises the patch embedding
+        for k in [k for k in sd if k.startswith("patch_embed.")]:
+            sd.pop(k)
+            report["dropped"].append(k)
+    else:
+        for k in [k for k in sd if k.startswith("patch_embed.")]:
+            if k in own and own[k].shape != sd[k].shape:
+                raise RecipeError(f"{k} is {tuple(sd[k].shape)} in {source} but {tuple(own[k].shape)} here "
+                                  "(another patch size?): set load_patch_embed=False to re-initialise it")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    allowed_missing = {k for k in own if k.startswith(("head.", "patch_embed.")) and k not in sd}
+    bad_missing = sorted(set(missing) - allowed_missing)
+    if bad_missing or unexpected:
+        raise RecipeError(f"{source} does not fit the model: missing {bad_missing[:8]}, unexpected {list(unexpected)[:8]}")
+    report["new"] = sorted(missing)
+    _log.info("initialised from %s (re-initialised: %s)", source, ", ".join(sorted(missing)) or "nothing")
+    return report

@@ -1,0 +1,136 @@
+"""Classification: recipes, training (short), encoder reuse, evaluation, resume, bad input."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+import crate_alpha  # noqa: F401
+from crate_alpha.classify.evaluate import run_eval
+from crate_alpha.classify.train import DEFAULTS, train
+from crate_alpha.convert import convert_official_torch
+from crate_alpha.train.recipe import RecipeError, load_recipe
+from data_helpers import write_tar
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def test_paper_recipes():
+    pre = load_recipe(str(CONFIGS / "cls_crate_alpha_B16_in21k_pretrain.py"), defaults=DEFAULTS)
+    assert (pre["num_classes"], pre["epochs"], pre["lr_per_256"], pre["weight_decay"], pre["beta2"]) == \
+        (19167, 91, 5e-5, 0.1, 0.95)
+    assert (pre["warmup_epochs"], pre["min_lr"], pre["mixup"], pre["cutmix"], pre["mixup_switch_prob"]) == \
+        (10, 1e-6, 0.8, 1.0, 0.5)
+    assert pre["crop_scale"][0] == 0.08 and pre["hflip"] == 0.5 and pre["grad_clip"] == 1.0
+    ft = load_recipe(str(CONFIGS / "cls_crate_alpha_B16_in1k_finetune.py"), defaults=DEFAULTS)
+    assert (ft["lr_per_256"], ft["label_smoothing"], ft["epochs"], ft["new_head"], ft["load_patch_embed"]) == \
+        (1e-5, 0.1, 91, True, False)
+    assert ft["rand_augment"].startswith("rand-m9-n2")
+
+
+def _scratch(demo_data, tmp_path, name, *extra):
+    return [str(CONFIGS / "demo_cls_scratch.py"), [f"train_data={demo_data[0] / 'imagefolder' / 'train'}",
+                                                    f"val_data={demo_data[0] / 'imagefolder' / 'val'}",
+                                                    f"output={tmp_path}", f"name={name}", *extra]]
+
+
+def test_short_training_from_scratch_and_eval(demo_data, tmp_path):
+    recipe, over = _scratch(demo_data, tmp_path, "s", "epochs=4")
+    s = train(recipe, over)
+    assert s["epochs"] == 4 and len(s["history"]) == 4
+    assert s["top1"] > 40.0  # 10 classes: chance is 10%
+    assert (tmp_path / "s" / "curves.png").stat().st_size > 0
+    r = run_eval(str(demo_data[0] / "imagefolder" / "val"), str(tmp_path / "e.json"), checkpoint=s["checkpoint"])
+    assert r["samples"] == demo_data[1]["test_samples"]
+    # the same evaluation over webdataset shards (.jpg + .cls)
+    from torchvision.datasets import ImageFolder
+    ds = ImageFolder(str(demo_data[0] / "imagefolder" / "val"))
+    samples = []
+    for i, (path, label) in enumerate(ds.samples):
+        buf = io.BytesIO()
+        from PIL import Image
+        Image.open(path).convert("RGB").save(buf, "PNG")
+        samples.append((f"{i:05d}", {"png": buf.getvalue(), "cls": str(label).encode()}))
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "0.tar", samples)
+    r2 = run_eval(str(tmp_path / "shards" / "0.tar"), str(tmp_path / "e2.json"), checkpoint=s["checkpoint"])
+    assert r2["samples"] == r["samples"] and r2["top1"] == pytest.approx(r["top1"])
+    # a checkpoint whose class count differs, without a new head asked for
+    from crate_alpha.classify.init import load_encoder
+    from crate_alpha.classify.train import build_model
+    model = build_model({"model": "crate_alpha_demo_patch8_64", "image_size": 32, "drop_path": 0}, 1000)
+    with pytest.raises(RecipeError, match="10-class head but the model has 1000 classes; set new_head=True"):
+        load_encoder(model, s["checkpoint"], new_head=False, load_patch_embed=True)
+
+
+def test_finetune_from_clip_tower(demo_data, tmp_path):
+    clip = open_clip.create_model("crate-alpha-demo")
+    torch.save({"state_dict": clip.state_dict(), "epoch": 1}, tmp_path / "clip.pt")
+    s = train(str(CONFIGS / "demo_cls_finetune.py"),
+              [f"train_data={demo_data[0] / 'imagefolder' / 'train'}", f"val_data={demo_data[0] / 'imagefolder' / 'val'}",
+               f"output={tmp_path}", "name=ft", "epochs=1", f"init_from={tmp_path / 'clip.pt'}"])
+    rec = json.loads((tmp_path / "ft" / "recipe.json").read_text())
+    assert rec["init"]["new"] == ["head.bias", "head.weight"]
+    ck = torch.load(s["checkpoint"], weights_only=True)
+    assert ck["num_classes"] == 10 and ck["image_size"] == 64
+
+
+def test_eval_converted_released_classifier(fixtures, demo_data, tmp_path):
+    convert_official_torch(fixtures / "official_torch" / "crate_alpha_cls_shared.pth", tmp_path / "cls", heads=4)
+    r = run_eval(str(demo_data[0] / "imagefolder" / "val"), str(tmp_path / "e.json"), model=f"local-dir:{tmp_path / 'cls'}")
+    assert r["samples"] == demo_data[1]["test_samples"] and r["image_size"] == 32 and 0 <= r["top1"] <= 100
+    r = subprocess.run(["make", "-s", "cls-eval", f"VAL={demo_data[0] / 'imagefolder' / 'val'}",
+                        f"MODEL=local-dir:{tmp_path / 'cls'}", f"EVAL_OUT={tmp_path / 'm.json'}"],
+                       cwd=REPO, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "m.json").read_text())["samples"] == demo_data[1]["test_samples"]
+
+
+def test_bad_data_path_fails_first(tmp_path, monkeypatch):
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("model built before the data check"))
+    with pytest.raises(RecipeError, match=f"{tmp_path / 'none'} does not exist"):
+        train(str(CONFIGS / "demo_cls_scratch.py"), [f"train_data={tmp_path / 'none'}", f"output={tmp_path}"])
+
+
+def test_resume_after_sigkill(demo_data, tmp_path):
+    recipe, over = _scratch(demo_data, tmp_path, "r", "epochs=5")
+    cmd = [sys.executable, "-m", "crate_alpha.classify", "train", recipe, *over]
+    latest = tmp_path / "r" / "checkpoints" / "latest.pt"
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before it could be killed"
+        if latest.exists() and torch.load(latest, weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = torch.load(latest, weights_only=True)["epoch"]
+    assert 2 <= done < 5
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert [h["epoch"] for h in s["history"]] == [1, 2, 3, 4, 5]
+    assert r.stdout.count('"epoch"') == 5 - done  # only the remaining epochs ran
+    assert not [p for p in latest.parent.iterdir() if ".partial" in p.name]
+
+
+def test_finetune_from_converted_released_weights(fixtures, demo_data, tmp_path):
+    convert_official_torch(fixtures / "official_torch" / "crate_alpha_cls_shared.pth", tmp_path / "cls", heads=4)
+    src = f"local-dir:{tmp_path / 'cls'}"
+    s = train(str(CONFIGS / "demo_cls_finetune.py"),
+              [f"model={src}", f"init_from={src}", "image_size=48", "load_patch_embed=True", "epochs=1",
+               f"train_data={demo_data[0] / 'imagefolder' / 'train'}", f"output={tmp_path}", "name=rel", "val_data=None"])
+    rec = json.loads((tmp_path / "rel" / "recipe.json").read_text())
+    assert rec["init"]["new"] == ["head.bias", "head.weight"]  # 48 px: the 4x4 grid was resampled to 6x6
+    assert torch.load(s["checkpoint"], weights_only=True)["model"]["pos_embed"].shape == (1, 37, 64)

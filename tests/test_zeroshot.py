@@ -1,0 +1,55 @@
+"""Zero-shot runner pieces that need no model: the ImageNet root and the results table."""
+import json
+
+import pytest
+import torch
+
+from crate_alpha.zeroshot import EvalError, clip_benchmark_eval, imagenet_root, results_table
+
+
+def test_imagenet_root_from_plain_val_folder(tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, "PNG")
+    val = tmp_path / "val"
+    for i in range(1000):
+        (val / f"n{i:08d}").mkdir(parents=True)
+        (val / f"n{i:08d}" / "x.png").write_bytes(buf.getvalue())
+    root = imagenet_root(str(val), str(tmp_path / "root"))
+    wnid_to_classes, _ = torch.load(f"{root}/meta.bin", weights_only=False)
+    assert len(wnid_to_classes) == 1000 and (tmp_path / "root" / "val").resolve() == val.resolve()
+    from torchvision.datasets import ImageNet
+    ds = ImageNet(root, split="val")  # what clip_benchmark builds for imagenet1k
+    assert len(ds.classes) == 1000
+
+
+def test_imagenet_root_refuses_other_folders(tmp_path):
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(EvalError, match="1 class folders; ImageNet-1K validation needs 1000"):
+        imagenet_root(str(tmp_path / "val"), str(tmp_path / "root"))
+    with pytest.raises(EvalError, match="does not exist"):
+        imagenet_root(str(tmp_path / "nope"), str(tmp_path / "root"))
+
+
+def test_results_table(tmp_path):
+    for i, acc in enumerate([0.9, 0.8]):
+        (tmp_path / f"r{i}.json").write_text(json.dumps({
+            "dataset": "wds/digits", "model": f"m{i}", "pretrained": "x.pt", "task": "zeroshot_classification",
+            "metrics": {"acc1": acc, "acc5": 1.0, "mean_per_class_recall": acc}}))
+    md = results_table([str(tmp_path / "r0.json"), str(tmp_path / "r1.json")], str(tmp_path / "table"))
+    assert "| m0 |" in md and "90.00" in md and "80.00" in md
+    csv = (tmp_path / "table.csv").read_text().splitlines()
+    assert csv[0].startswith("file,model") and len(csv) == 3
+
+
+def test_unknown_model_and_missing_checkpoint(tmp_path):
+    with pytest.raises(EvalError, match="unknown model 'nope'.*crate-alpha-L-14"):
+        clip_benchmark_eval("nope", "wds/digits", str(tmp_path), str(tmp_path / "o.json"))
+    with pytest.raises(EvalError, match="does not exist"):
+        clip_benchmark_eval("crate-alpha-demo", "wds/digits", str(tmp_path), str(tmp_path / "o.json"),
+                            checkpoint=str(tmp_path / "missing.pt"))
+    with pytest.raises(EvalError, match="not an open_clip model folder"):
+        clip_benchmark_eval(f"local-dir:{tmp_path}", "wds/digits", str(tmp_path), str(tmp_path / "o.json"))
