@@ -212,6 +212,8 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob("*.partial-*"):  # a write cut short by a kill
+            stale.unlink()
         (run_dir / "recipe.json").write_text(json.dumps({"recipe": cfg, "num_classes": num_classes, "lr": lr,
                                                           "batch_per_process": batch, "world_size": world,
                                                           "init": init_report}, indent=2, default=str))

@@ -160,6 +160,16 @@ def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_di
             a = variant_args(cfg["vision_cfg"]["timm_model_name"])
             cfg["vision_cfg"]["timm_model_name"] = custom_variant_name(
                 a["embed_dim"], a["depth"], a["num_heads"], a["patch_size"], image_size)
+    # load through the model, so that a checkpoint of another resolution is resampled
+    from open_clip.model import resize_pos_embed
+
+    model = open_clip.model.CLIP(**copy_cfg(cfg))
+    resize_pos_embed(state, model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConversionError(f"{checkpoint} does not fit {model_name}: {str(e).splitlines()[0]}") from None
+    state = model.state_dict()
     pp = {"size": cfg["vision_cfg"].get("image_size", 224)}  # open_clip's default normalisation, as trained
     return write_open_clip_folder(out_dir, cfg, state, pp, force=force)
 

@@ -192,6 +192,8 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
         return info
     run_dir.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
+        for stale in (run_dir / "checkpoints").glob("*.partial-*"):  # a write cut short by a kill
+            stale.unlink()
         (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
 
     import open_clip_train.main as ocm

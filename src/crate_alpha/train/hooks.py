@@ -3,6 +3,8 @@
 open_clip_train has no plug-in points for these, so each one replaces a single module
 attribute of ``open_clip_train.main`` / ``open_clip_train.data`` (never a file):
 
+* DDP on CPU: it passes ``device_ids=[device]`` to DistributedDataParallel, which DDP
+  refuses for CPU processes (gloo); they are dropped there;
 * atomic checkpoints: it writes ``epoch_N.pt`` in place, so a kill during the write would
   leave a half-written file that ``--resume latest`` may pick; its ``torch`` is given an
   atomic ``save`` (temporary file, then rename);
@@ -40,12 +42,29 @@ def atomic_save(obj, f, *args, **kwargs):
         torch.save(obj, f, *args, **kwargs)
 
 
-class _TorchWithAtomicSave(types.ModuleType):
-    def __init__(self):
-        super().__init__("torch")
+class _Proxy(types.ModuleType):
+    """A module that is ``real`` except for the attributes in ``overrides``."""
+
+    def __init__(self, real, overrides: dict):
+        super().__init__(real.__name__)
+        self._real, self._overrides = real, overrides
 
     def __getattr__(self, name):
-        return atomic_save if name == "save" else getattr(torch, name)
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._real, name)
+
+
+def cpu_safe_ddp(module, device_ids=None, **kwargs):
+    # open_clip_train passes device_ids=[device] even for CPU processes, which DDP refuses
+    if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+        device_ids = None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+def _torch_for_open_clip_train():
+    parallel = _Proxy(torch.nn.parallel, {"DistributedDataParallel": cpu_safe_ddp})
+    return _Proxy(torch, {"save": atomic_save, "nn": _Proxy(torch.nn, {"parallel": parallel})})
 
 
 class SharedSkipCounter:
@@ -88,7 +107,7 @@ def install(counter: SharedSkipCounter, fast_decode: bool) -> None:
         main._crate_alpha_hooks.value = counter.value  # already installed: count into the new counter
         return
     main._crate_alpha_hooks = counter
-    main.torch = _TorchWithAtomicSave()
+    main.torch = _torch_for_open_clip_train()
 
     class _Optim(types.ModuleType):
         def __getattr__(self, name):
