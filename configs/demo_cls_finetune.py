@@ -10,7 +10,7 @@ def get_config():
         init_from="runs/demo/crate-alpha_finetune/checkpoints/epoch_latest.pt",
         new_head=True,
         load_patch_embed=True,      # same patch size; the IN-1K recipe re-initialises it
-        epochs=10,
+        epochs=15,
         global_batch=64,
         lr_per_256=8e-4,            # 2e-4 at batch 64
         warmup_epochs=1,
