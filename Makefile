@@ -68,10 +68,10 @@ finetune: $(STAMP)
 	$(TRAIN) $(FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(ARGS)
 
 demo: $(STAMP)
-	$(PY) -m crate_alpha.demo
+	$(PY) -m crate_alpha.demo --fresh
 
 demo-baseline: $(STAMP)
-	$(PY) -m crate_alpha.demo --baseline
+	$(PY) -m crate_alpha.demo --fresh --baseline
 
 # ---- classification ------------------------------------------------------------------
 CLS_RECIPE ?= configs/cls_crate_alpha_B16_in21k_pretrain.py
@@ -94,4 +94,4 @@ cls-eval: $(STAMP)
 	$(PY) -m crate_alpha.classify eval --data "$(VAL)" --output $(EVAL_OUT) $(if $(MODEL),--model "$(MODEL)") $(if $(CKPT),--checkpoint "$(CKPT)")
 
 demo-cls: $(STAMP)
-	$(PY) -m crate_alpha.classify demo
+	$(PY) -m crate_alpha.classify demo --fresh

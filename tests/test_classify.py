@@ -122,6 +122,9 @@ def test_resume_after_sigkill(demo_data, tmp_path):
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert [h["epoch"] for h in s["history"]] == [1, 2, 3, 4, 5]
     assert r.stdout.count('"epoch"') == 5 - done  # only the remaining epochs ran
+    # resuming the folder with another schedule is refused rather than mixed
+    r = subprocess.run(cmd + ["epochs=6"], capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "another recipe (epochs 5 -> 6)" in r.stderr
     assert not [p for p in latest.parent.iterdir() if ".partial" in p.name]
 
 

@@ -129,6 +129,8 @@ def test_resume_after_sigkill(demo_data, tmp_path):
         assert ".partial" not in p.name
         torch.load(p, map_location="cpu", weights_only=True)  # every checkpoint is whole
     assert torch.load(ckpts / "epoch_latest.pt", weights_only=True)["epoch"] == 4
+    r = subprocess.run(cmd + ["epochs=5"], capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "another recipe (epochs 4 -> 5)" in r.stderr
 
 
 def test_torchrun_two_processes_then_zeroshot(demo_data, tmp_path):

@@ -25,7 +25,7 @@ from timm.utils import ModelEmaV3, accuracy
 from tqdm import tqdm
 
 from ..train.hooks import atomic_save
-from ..train.recipe import RecipeError, load_recipe
+from ..train.recipe import RecipeError, check_resume_compatible, load_recipe
 from .data import check_path, eval_transform, make_loader, num_classes_of, train_transform
 from .init import load_encoder, local_dir_args
 
@@ -202,6 +202,7 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
     ema = ModelEmaV3(model, decay=cfg["model_ema_decay"]) if cfg["model_ema"] else None
     start_epoch, num_updates, history = 0, 0, []
     if resume is not None:
+        check_resume_compatible(json.loads(resume.get("recipe", "{}")), cfg, run_dir)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         if ema is not None and "ema" in resume:
@@ -252,7 +253,8 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
             print(json.dumps(row), flush=True)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                      "num_updates": num_updates, "history": json.dumps(history),
-                     "model_name": cfg["model"], "num_classes": num_classes, "image_size": cfg["image_size"]}
+                     "model_name": cfg["model"], "num_classes": num_classes, "image_size": cfg["image_size"],
+                     "recipe": json.dumps(cfg, default=str)}
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
             ckpt_dir.mkdir(parents=True, exist_ok=True)

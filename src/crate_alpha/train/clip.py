@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import torch
 
-from .recipe import RecipeError, load_recipe, schedule
+from .recipe import RecipeError, check_resume_compatible, load_recipe, schedule
 
 
 def expand_shards(pattern: str) -> List[str]:
@@ -173,6 +173,9 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
     sched = schedule(cfg, world, n)
     run_dir = Path(cfg["output"]) / cfg["name"]
     resuming = (run_dir / "checkpoints" / "epoch_latest.pt").exists()
+    if resuming and (run_dir / "recipe.json").is_file():
+        saved = json.loads((run_dir / "recipe.json").read_text())["recipe"]
+        check_resume_compatible(saved, dict(cfg, train_num_samples=cfg["train_num_samples"] or n), run_dir)
     init = None
     if (cfg["init_from"] or cfg["text_init"]) and not resuming and not dry_run:
         init_path = run_dir / "init.pt"
@@ -186,7 +189,7 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
                 time.sleep(0.5)
             init = str(init_path)
     args = open_clip_args(cfg, sched, n, init)
-    info = {"recipe": cfg, "schedule": sched, "train_num_samples": n, "world_size": world,
+    info = {"recipe": dict(cfg, train_num_samples=n), "schedule": sched, "train_num_samples": n, "world_size": world,
             "open_clip_train_args": args}
     if dry_run:
         return info

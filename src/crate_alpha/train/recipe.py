@@ -122,3 +122,16 @@ def schedule(cfg: Dict[str, Any], world_size: int, train_num_samples: int) -> Di
     else:
         epochs = max(1, math.ceil(cfg["samples_seen"] / train_num_samples))
     return {"batch_size": batch, "lr": lr, "warmup": warmup, "epochs": epochs}
+
+
+# Changing these between a run and its resumption would silently mix two experiments.
+SCHEDULE_KEYS = ("model", "image_size", "epochs", "samples_seen", "global_batch", "lr_per_256", "warmup_steps",
+                 "warmup_epochs", "train_num_samples")
+
+
+def check_resume_compatible(saved: Dict[str, Any], cfg: Dict[str, Any], where) -> None:
+    diff = [f"{k} {saved.get(k)!r} -> {cfg.get(k)!r}" for k in SCHEDULE_KEYS
+            if k in cfg and k in saved and saved.get(k) != cfg.get(k)]
+    if diff:
+        raise RecipeError(f"{where} holds a run of another recipe ({'; '.join(diff)}); resume it with the same "
+                          "values, or start a new run (another name= or delete the folder)")
