@@ -72,7 +72,7 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
     handler = counter or SkipCounter()
     stages = [wds.SimpleShardList(urls)]
     if train:
-        stages += [wds.shuffle(len(urls), seed=seed)]
+        stages += [wds.shuffle(len(urls))]
     stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=handler)]
     if train:
         stages += [wds.shuffle(1000, initial=100)]
