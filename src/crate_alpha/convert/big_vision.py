@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .folders import ConversionError, write_open_clip_folder, write_timm_folder
+from .folders import ConversionError, check_names, check_shape, write_open_clip_folder, write_timm_folder
 from .targets import classifier_args, clipa_model_cfg, clipa_preprocess_cfg, trunk_name
 
 Tree = Dict[str, np.ndarray]
@@ -80,25 +80,6 @@ def _depth(tree: Tree, prefix: str) -> int:
     return len(idx)
 
 
-def _check_keys(tree: Tree, expected: set, optional: set, what: str) -> None:
-    missing = sorted(expected - set(tree))
-    unexpected = sorted(set(tree) - expected - optional)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing parameters: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected parameters: {', '.join(unexpected)}")
-        raise ConversionError(f"{what}: " + " | ".join(parts))
-
-
-def _shape(tree: Tree, key: str, shape: tuple) -> np.ndarray:
-    a = tree[key]
-    if tuple(a.shape) != tuple(shape):
-        raise ConversionError(f"{key} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-    return a
-
-
 def _ln(tree: Tree, src: str, dst: str, out: dict) -> None:
     out[f"{dst}.weight"] = _t(tree[f"{src}/scale"])
     out[f"{dst}.bias"] = _t(tree[f"{src}/bias"])
@@ -119,9 +100,9 @@ def convert_crate_tree(tree: Tree, prefix: str = "", dst: str = ""):
     """A crate.Model sub-tree -> (shape info, torch state dict with keys under ``dst``)."""
     depth = _depth(tree, prefix)
     expected = _crate_expected(prefix, depth)
-    _check_keys({k: v for k, v in tree.items() if k.startswith(prefix)}, expected,
-                {f"{prefix}embedding/bias", f"{prefix}head/bias"},
-                "big_vision CRATE-α parameters" + (f" under {prefix}" if prefix else ""))
+    check_names([k for k in tree if k.startswith(prefix)], expected,
+                "big_vision CRATE-α parameters" + (f" under {prefix}" if prefix else ""), "parameters",
+                optional={f"{prefix}embedding/bias", f"{prefix}head/bias"})
     kernel = tree[f"{prefix}embedding/kernel"]
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != 3:
         raise ConversionError(f"{prefix}embedding/kernel has shape {kernel.shape}; expected (P, P, 3, width)")
@@ -143,9 +124,9 @@ def convert_crate_tree(tree: Tree, prefix: str = "", dst: str = ""):
 
     out = {
         f"{dst}patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)),
-        f"{dst}patch_embed.proj.bias": (_t(_shape(tree, f"{prefix}embedding/bias", (width,)))
+        f"{dst}patch_embed.proj.bias": (_t(check_shape(tree, f"{prefix}embedding/bias", (width,)))
                                         if f"{prefix}embedding/bias" in tree else torch.zeros(width)),
-        f"{dst}cls_token": _t(_shape(tree, f"{prefix}cls", (1, 1, width))),
+        f"{dst}cls_token": _t(check_shape(tree, f"{prefix}cls", (1, 1, width))),
         f"{dst}pos_embed": _t(pos),
     }
     _ln(tree, f"{prefix}encoder_norm", f"{dst}norm", out)
@@ -154,15 +135,15 @@ def convert_crate_tree(tree: Tree, prefix: str = "", dst: str = ""):
         _ln(tree, f"{b}/LayerNorm_0", f"{t}.norm1", out)
         _ln(tree, f"{b}/LayerNorm_1", f"{t}.norm2", out)
         hd = width // heads
-        out[f"{t}.attn.qkv.weight"] = _t(_shape(tree, f"{b}/{_SSA}/proj/kernel", (width, heads, hd))
+        out[f"{t}.attn.qkv.weight"] = _t(check_shape(tree, f"{b}/{_SSA}/proj/kernel", (width, heads, hd))
                                          .reshape(width, width).T)
-        out[f"{t}.attn.proj.weight"] = _t(_shape(tree, f"{b}/{_SSA}/out/kernel", (heads, hd, width))
+        out[f"{t}.attn.proj.weight"] = _t(check_shape(tree, f"{b}/{_SSA}/out/kernel", (heads, hd, width))
                                           .reshape(width, width).T)
-        out[f"{t}.mlp.D"] = _t(_shape(tree, f"{b}/{_ISTA}/D", (width, 4 * width)))
-        out[f"{t}.mlp.D1"] = _t(_shape(tree, f"{b}/{_ISTA}/D1", (width, 4 * width)))
+        out[f"{t}.mlp.D"] = _t(check_shape(tree, f"{b}/{_ISTA}/D", (width, 4 * width)))
+        out[f"{t}.mlp.D1"] = _t(check_shape(tree, f"{b}/{_ISTA}/D1", (width, 4 * width)))
     head = {"weight": _t(head_k.T)}
     if f"{prefix}head/bias" in tree:
-        head["bias"] = _t(_shape(tree, f"{prefix}head/bias", (n_out,)))
+        head["bias"] = _t(check_shape(tree, f"{prefix}head/bias", (n_out,)))
     info = dict(width=width, depth=depth, heads=heads, patch=patch, res=side * patch, n_out=n_out)
     return info, out, head
 
@@ -192,7 +173,7 @@ def convert_two_towers(tree: Tree):
         expected |= {f"{b}/{_MHA}/{n}/{p}" for n in ("query", "key", "value", "out") for p in ("kernel", "bias")}
         expected |= {f"{b}/MlpBlock_0/Dense_{j}/{p}" for j in (0, 1) for p in ("kernel", "bias")}
     img_keys = {k for k in tree if k.startswith("img/")}
-    _check_keys(tree, expected | img_keys, set(), "big_vision two-towers parameters")
+    check_names(tree, expected | img_keys, "big_vision two-towers parameters", "parameters")
 
     vocab, tw = tree["txt/Embed_0/embedding"].shape
     pos = tree["txt/pos_embedding"]
@@ -209,26 +190,26 @@ def convert_two_towers(tree: Tree):
         "token_embedding.weight": _t(tree["txt/Embed_0/embedding"]),
         "positional_embedding": _t(pos[0]),
         # big_vision applies x @ kernel, as open_clip applies x @ text_projection.
-        "text_projection": _t(_shape(tree, "txt/head/kernel", (tw, embed))),
-        "logit_scale": _t(_shape(tree, "t", (1,))).reshape(()),
+        "text_projection": _t(check_shape(tree, "txt/head/kernel", (tw, embed))),
+        "logit_scale": _t(check_shape(tree, "t", (1,))).reshape(()),
     })
     _ln(tree, "txt/encoder_norm", "ln_final", out)
     for i in range(depth):
         b, t = f"txt/Transformer/encoderblock_{i}", f"transformer.resblocks.{i}"
         _ln(tree, f"{b}/LayerNorm_0", f"{t}.ln_1", out)
         _ln(tree, f"{b}/LayerNorm_1", f"{t}.ln_2", out)
-        qkv = [_shape(tree, f"{b}/{_MHA}/{n}/kernel", (tw, th, tw // th)).reshape(tw, tw).T
+        qkv = [check_shape(tree, f"{b}/{_MHA}/{n}/kernel", (tw, th, tw // th)).reshape(tw, tw).T
                for n in ("query", "key", "value")]
-        bias = [_shape(tree, f"{b}/{_MHA}/{n}/bias", (th, tw // th)).reshape(tw) for n in ("query", "key", "value")]
+        bias = [check_shape(tree, f"{b}/{_MHA}/{n}/bias", (th, tw // th)).reshape(tw) for n in ("query", "key", "value")]
         out[f"{t}.attn.in_proj_weight"] = _t(np.concatenate(qkv, 0))
         out[f"{t}.attn.in_proj_bias"] = _t(np.concatenate(bias, 0))
-        out[f"{t}.attn.out_proj.weight"] = _t(_shape(tree, f"{b}/{_MHA}/out/kernel", (th, tw // th, tw))
+        out[f"{t}.attn.out_proj.weight"] = _t(check_shape(tree, f"{b}/{_MHA}/out/kernel", (th, tw // th, tw))
                                               .reshape(tw, tw).T)
-        out[f"{t}.attn.out_proj.bias"] = _t(_shape(tree, f"{b}/{_MHA}/out/bias", (tw,)))
-        out[f"{t}.mlp.c_fc.weight"] = _t(_shape(tree, f"{b}/MlpBlock_0/Dense_0/kernel", (tw, hidden)).T)
-        out[f"{t}.mlp.c_fc.bias"] = _t(_shape(tree, f"{b}/MlpBlock_0/Dense_0/bias", (hidden,)))
-        out[f"{t}.mlp.c_proj.weight"] = _t(_shape(tree, f"{b}/MlpBlock_0/Dense_1/kernel", (hidden, tw)).T)
-        out[f"{t}.mlp.c_proj.bias"] = _t(_shape(tree, f"{b}/MlpBlock_0/Dense_1/bias", (tw,)))
+        out[f"{t}.attn.out_proj.bias"] = _t(check_shape(tree, f"{b}/{_MHA}/out/bias", (tw,)))
+        out[f"{t}.mlp.c_fc.weight"] = _t(check_shape(tree, f"{b}/MlpBlock_0/Dense_0/kernel", (tw, hidden)).T)
+        out[f"{t}.mlp.c_fc.bias"] = _t(check_shape(tree, f"{b}/MlpBlock_0/Dense_0/bias", (hidden,)))
+        out[f"{t}.mlp.c_proj.weight"] = _t(check_shape(tree, f"{b}/MlpBlock_0/Dense_1/kernel", (hidden, tw)).T)
+        out[f"{t}.mlp.c_proj.bias"] = _t(check_shape(tree, f"{b}/MlpBlock_0/Dense_1/bias", (tw,)))
 
     vision = trunk_name(info["width"], info["depth"], info["heads"], info["patch"], info["res"])
     cfg = clipa_model_cfg(embed, vision, info["res"], vocab, context, tw, th, depth, text_mlp_ratio=hidden / tw)

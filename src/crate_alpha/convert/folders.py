@@ -28,6 +28,27 @@ class ConversionError(ValueError):
     """A checkpoint or request that cannot be converted; the message says why and what to do."""
 
 
+def check_names(present, expected: set, what: str, noun: str = "keys", optional: set = frozenset()) -> None:
+    """Refuse a checkpoint with missing or unexpected entries, naming every one."""
+    missing = sorted(expected - set(present))
+    unexpected = sorted(set(present) - expected - set(optional))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {noun}: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {noun}: {', '.join(unexpected)}")
+        raise ConversionError(f"{what}: " + " | ".join(parts))
+
+
+def check_shape(entries, key: str, shape: tuple):
+    """``entries[key]``, refused with its name when its shape is not ``shape``."""
+    a = entries[key]
+    if tuple(a.shape) != tuple(shape):
+        raise ConversionError(f"{key} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    return a
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: os.PathLike, force: bool = False) -> Iterator[Path]:
     out_dir = Path(out_dir)

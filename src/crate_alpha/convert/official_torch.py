@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .folders import ConversionError, write_open_clip_folder, write_timm_folder
+from .folders import ConversionError, check_names, check_shape, write_open_clip_folder, write_timm_folder
 from .targets import (
     classifier_args,
     clipa_model_cfg,
@@ -75,25 +75,6 @@ def _depth(sd: StateDict, pattern: str) -> int:
     return len(idx)
 
 
-def _check_keys(sd: StateDict, expected: set, what: str) -> None:
-    missing = sorted(expected - set(sd))
-    unexpected = sorted(set(sd) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected)}")
-        raise ConversionError(f"{what}: " + " | ".join(parts))
-
-
-def _expect_shape(sd: StateDict, key: str, shape: tuple) -> torch.Tensor:
-    t = sd[key]
-    if tuple(t.shape) != tuple(shape):
-        raise ConversionError(f"{key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return t
-
-
 def _patch_and_grid(conv: torch.Tensor, pos: torch.Tensor, conv_key: str, pos_key: str):
     width, chans, kh, kw = conv.shape
     if kh != kw or chans != 3:
@@ -126,11 +107,11 @@ def convert_classifier(sd: StateDict, heads: Optional[int] = None, model: Option
                      f"{b}.1.norm.weight", f"{b}.1.norm.bias", f"{b}.1.fn.D", f"{b}.1.fn.D1"}
         if project_out or heads != 1:
             expected.add(f"{b}.0.fn.to_out.0.weight")
-    _check_keys(sd, expected, "official classifier state dict")
+    check_names(sd, expected, "official classifier state dict")
     num_classes = sd["mlp_head.1.weight"].shape[0]
-    _expect_shape(sd, "cls_token", (1, 1, width))
-    _expect_shape(sd, "pos_embedding", (1, (res // patch) ** 2 + 1, width))
-    _expect_shape(sd, "mlp_head.1.weight", (num_classes, width))
+    check_shape(sd, "cls_token", (1, 1, width))
+    check_shape(sd, "pos_embedding", (1, (res // patch) ** 2 + 1, width))
+    check_shape(sd, "mlp_head.1.weight", (num_classes, width))
 
     out = {
         "patch_embed.proj.weight": sd["conv1.weight"],
@@ -146,13 +127,13 @@ def convert_classifier(sd: StateDict, heads: Optional[int] = None, model: Option
         b, t = f"transformer.layers.{i}", f"blocks.{i}"
         out[f"{t}.norm1.weight"] = sd[f"{b}.0.norm.weight"]
         out[f"{t}.norm1.bias"] = sd[f"{b}.0.norm.bias"]
-        out[f"{t}.attn.qkv.weight"] = _expect_shape(sd, f"{b}.0.fn.qkv.weight", (width, width))
+        out[f"{t}.attn.qkv.weight"] = check_shape(sd, f"{b}.0.fn.qkv.weight", (width, width))
         to_out = sd.get(f"{b}.0.fn.to_out.0.weight")
         out[f"{t}.attn.proj.weight"] = to_out if to_out is not None else torch.eye(width)
         out[f"{t}.norm2.weight"] = sd[f"{b}.1.norm.weight"]
         out[f"{t}.norm2.bias"] = sd[f"{b}.1.norm.bias"]
-        out[f"{t}.mlp.D"] = _expect_shape(sd, f"{b}.1.fn.D", (width, 4 * width))
-        out[f"{t}.mlp.D1"] = _expect_shape(sd, f"{b}.1.fn.D1", (width, 4 * width))
+        out[f"{t}.mlp.D"] = check_shape(sd, f"{b}.1.fn.D", (width, 4 * width))
+        out[f"{t}.mlp.D1"] = check_shape(sd, f"{b}.1.fn.D1", (width, 4 * width))
     # The official head LayerNorm is torch's default (eps 1e-5); block norms use 1e-6.
     args = classifier_args(width, depth, heads, patch, res, num_classes, head_norm_eps=1e-5)
     return trunk_name(width, depth, heads, patch, res), args, out
@@ -196,7 +177,7 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
                                           "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
                                           "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
                                           "mlp.c_proj.bias")}
-    _check_keys(sd, expected, "official CLIPA state dict")
+    check_names(sd, expected, "official CLIPA state dict")
 
     heads = resolve_heads(width, heads, model)
     embed_dim = sd["visual.proj"].shape[1]
@@ -204,11 +185,11 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
     context = sd["positional_embedding"].shape[0]
     text_heads = resolve_text_heads(text_width, text_heads, model)
     hidden = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    _expect_shape(sd, "visual.class_embedding", (width,))
-    _expect_shape(sd, "visual.proj", (width, embed_dim))
+    check_shape(sd, "visual.class_embedding", (width,))
+    check_shape(sd, "visual.proj", (width, embed_dim))
     # Stored as (embed, width) and applied as x @ W.T; open_clip applies x @ W.
-    _expect_shape(sd, "text_projection", (embed_dim, text_width))
-    _expect_shape(sd, "positional_embedding", (context, text_width))
+    check_shape(sd, "text_projection", (embed_dim, text_width))
+    check_shape(sd, "positional_embedding", (context, text_width))
 
     out = {
         "visual.trunk.patch_embed.proj.weight": sd["visual.conv1.weight"],
@@ -235,8 +216,8 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
         out[f"{t}.attn.proj.weight"] = sd[f"{b}.attn.out_proj.weight"]
         out[f"{t}.norm2.weight"] = sd[f"{b}.ln_2.weight"]
         out[f"{t}.norm2.bias"] = sd[f"{b}.ln_2.bias"]
-        out[f"{t}.mlp.D"] = _expect_shape(sd, f"{b}.mlp.c_fc", (width, 4 * width))
-        out[f"{t}.mlp.D1"] = _expect_shape(sd, f"{b}.mlp.c_proj", (width, 4 * width))
+        out[f"{t}.mlp.D"] = check_shape(sd, f"{b}.mlp.c_fc", (width, 4 * width))
+        out[f"{t}.mlp.D1"] = check_shape(sd, f"{b}.mlp.c_proj", (width, 4 * width))
     for i in range(text_layers):
         b = f"transformer.resblocks.{i}"
         for k in sd:
