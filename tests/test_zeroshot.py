@@ -53,3 +53,34 @@ def test_unknown_model_and_missing_checkpoint(tmp_path):
                             checkpoint=str(tmp_path / "missing.pt"))
     with pytest.raises(EvalError, match="not an open_clip model folder"):
         clip_benchmark_eval(f"local-dir:{tmp_path}", "wds/digits", str(tmp_path), str(tmp_path / "o.json"))
+
+
+def test_zeroshot_retrieval_through_clip_benchmark(demo_data, tmp_path):
+    """Retrieval on a clip_benchmark wds retrieval set (image + captions), with a training-style checkpoint."""
+    import tarfile
+
+    import open_clip
+
+    from crate_alpha.data.digits import CLASSNAMES
+    from data_helpers import write_tar
+
+    samples = []
+    with tarfile.open(demo_data[0] / "wds" / "test" / "0.tar") as tar:
+        files = {}
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            files.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    for key, f in list(files.items())[:40]:
+        name = CLASSNAMES[int(f["cls"])]
+        samples.append((key, {"jpg": f["jpg"], "txt": f"a handwritten {name}.\nthe digit {name}.".encode()}))
+    root = tmp_path / "ret"
+    (root / "test").mkdir(parents=True)
+    write_tar(root / "test" / "0.tar", samples)
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    model = open_clip.create_model("crate-alpha-demo")
+    torch.save({"state_dict": model.state_dict(), "epoch": 1}, tmp_path / "ckpt.pt")
+    r = clip_benchmark_eval("crate-alpha-demo", "wds/digits_retrieval", str(root), str(tmp_path / "r.json"),
+                            checkpoint=str(tmp_path / "ckpt.pt"), task="zeroshot_retrieval")
+    assert r["task"] == "zeroshot_retrieval"
+    assert 0 <= r["metrics"]["image_retrieval_recall@5"] <= 1 and 0 <= r["metrics"]["text_retrieval_recall@5"] <= 1
