@@ -151,3 +151,12 @@ def test_torchrun_two_processes_then_zeroshot(demo_data, tmp_path):
     res2 = clip_benchmark_eval(f"local-dir:{tmp_path / 'folder'}", "wds/digits", str(demo_data[0] / "wds"),
                                str(tmp_path / "zs_dir.json"))
     assert res2["metrics"]["acc1"] == pytest.approx(res["metrics"]["acc1"])
+
+
+def test_two_runs_in_one_process_keep_separate_logs(demo_data, tmp_path):
+    over = [f"train_data={demo_data[1]['train_shards']}", f"output={tmp_path}", "epochs=1", "train_num_samples=64",
+            "global_batch=32"]
+    run(str(CONFIGS / "demo_pretrain.py"), over + ["name=a"])
+    run(str(CONFIGS / "demo_pretrain.py"), over + ["name=b"])
+    a = (tmp_path / "a" / "out.log").read_text()
+    assert a.count("Start epoch 0") == 1 and str(tmp_path / "b") not in a

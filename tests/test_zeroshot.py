@@ -84,3 +84,23 @@ def test_zeroshot_retrieval_through_clip_benchmark(demo_data, tmp_path):
                             checkpoint=str(tmp_path / "ckpt.pt"), task="zeroshot_retrieval")
     assert r["task"] == "zeroshot_retrieval"
     assert 0 <= r["metrics"]["image_retrieval_recall@5"] <= 1 and 0 <= r["metrics"]["text_retrieval_recall@5"] <= 1
+
+
+def test_attention_maps_and_curves(tmp_path):
+    import open_clip
+
+    from crate_alpha.visualize import mssa_attention, open_clip_losses, plot_attention, plot_curves
+
+    trunk = open_clip.create_model("crate-alpha-demo").visual.trunk
+    x = torch.randn(2, 3, 64, 64)
+    maps = mssa_attention(trunk, x)
+    assert maps.shape == (2, 4, 4, 8, 8)
+    assert torch.isfinite(maps).all()
+    assert (maps.sum((-1, -2)) <= 1 + 1e-5).all()  # a softmax row, minus the class token's own share
+    assert plot_attention(trunk, x, x.sigmoid(), tmp_path / "a.png").stat().st_size > 0
+    log = tmp_path / "out.log"
+    log.write_text("2026 | INFO | Train Epoch: 0 [  64/1472 (4%)] Data (t): 0.3 Contrastive_loss: 4.2 (4.2) Loss: 4.2\n"
+                   "2026 | INFO | Train Epoch: 0 [1472/1472 (100%)] Data (t): 0.3 Contrastive_loss: 3.5 (3.6) Loss: 3.5\n")
+    pts = open_clip_losses(log)
+    assert pts == [(64 / 1472, 4.2), (1.0, 3.5)]
+    assert plot_curves({"run": pts}, tmp_path / "c.png").stat().st_size > 0

@@ -57,6 +57,40 @@ def run_model(tag: str, out: Path, data: Path, configs: Path, extra=()) -> dict:
     }
 
 
+def _pictures(out: Path, tags) -> None:
+    """Loss curves of every run, and CRATE-α's attention maps on held-out digits, as PNG."""
+    import io
+    import tarfile
+
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from .visualize import open_clip_losses, plot_attention, plot_curves
+
+    curves = {}
+    for tag in tags:
+        for stage in ("pretrain", "finetune"):
+            log = out / f"{tag}_{stage}" / "out.log"
+            if log.is_file():
+                curves[f"{tag} {stage}"] = open_clip_losses(log)
+    print(f"curves: {plot_curves(curves, out / 'curves.png')}")
+    if "crate-alpha" not in tags:
+        return
+    model, _, pp = open_clip.create_model_and_transforms(
+        MODELS["crate-alpha"], pretrained=str(out / "crate-alpha_finetune" / "checkpoints" / "epoch_latest.pt"))
+    imgs = []
+    with tarfile.open(out / "data" / "wds" / "test" / "0.tar") as tar:
+        for m in tar:
+            if m.name.endswith(".jpg") and len(imgs) < 6:
+                imgs.append(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
+    x = torch.stack([pp(im) for im in imgs])
+    import torchvision.transforms.functional as TF
+
+    shown = torch.stack([TF.to_tensor(im.resize(tuple(x.shape[-2:]))) for im in imgs])
+    print(f"attention maps: {plot_attention(model.visual.trunk, x, shown, out / 'attention.png')}")
+
+
 def table(rows) -> str:
     head = (f"{'model':<18} {'zero-shot top-1':>15} {'top-5':>7} {'pretrain s':>11} {'finetune s':>11} "
             f"{'eval s':>7} {'total s':>8} {'pretrain samples/s':>19}")
@@ -95,6 +129,7 @@ def main(argv=None) -> int:
         rows.append(run_model(tag, out, out / "data", Path(a.configs)))
     for r in rows:
         r["data_seconds"] = data_seconds
+    _pictures(out, tags)
     _banner("results (held-out digits, zero-shot through clip_benchmark)")
     print(table(rows))
     path = out / "results.json"

@@ -208,7 +208,16 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
     counter = SharedSkipCounter()
     install(counter, fast_decode=cfg["fast_decode"])
     t0 = time.time()
-    rc = ocm.main(args)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        rc = ocm.main(args)
+    finally:
+        # open_clip_train adds its own handlers (one writes this run's out.log); drop them so a
+        # second run in the same process (make demo) does not also write into this run's log
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
+            h.close()
     for noisy in ("torch._dynamo", "torch._subclasses"):  # open_clip_train set the root logger to INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if rc not in (None, 0):

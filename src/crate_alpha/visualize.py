@@ -1,0 +1,95 @@
+"""Pictures people would rather look at than numbers: training curves and MSSA attention maps."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+_LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Contrastive_loss: ([0-9.]+)")
+
+
+def open_clip_losses(log_path: os.PathLike) -> List[tuple]:
+    """(fractional epoch, loss) pairs from an open_clip_train ``out.log``."""
+    points = []
+    for line in Path(log_path).read_text().splitlines():
+        m = _LOSS.search(line)
+        if m:
+            epoch, done, total, loss = int(m[1]), int(m[2]), int(m[3]), float(m[4])
+            points.append((epoch + done / total, loss))
+    return points
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_curves(curves: Dict[str, List[tuple]], path: os.PathLike, ylabel: str = "contrastive loss") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, Path(path))
+    return Path(path)
+
+
+@torch.no_grad()
+def mssa_attention(trunk, images: torch.Tensor) -> torch.Tensor:
+    """Class-token attention over the patch grid, per layer and head: (B, layers, heads, H, W)."""
+    maps = []
+
+    def grab(module, inputs, output):
+        x = inputs[0]
+        B, N, C = x.shape
+        w = module.qkv(x).view(B, N, module.num_heads, module.head_dim).transpose(1, 2)
+        attn = torch.softmax(w @ w.transpose(-1, -2) * module.head_dim ** -0.5, dim=-1)
+        maps.append(attn[:, :, 0, trunk.num_prefix_tokens:])
+
+    hooks = [blk.attn.register_forward_hook(grab) for blk in trunk.blocks]
+    try:
+        trunk.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    gh, gw = trunk.patch_embed.grid_size
+    return torch.stack(maps, 1).reshape(images.shape[0], len(maps), -1, gh, gw)
+
+
+def plot_attention(trunk, images: torch.Tensor, shown: torch.Tensor, path: os.PathLike) -> Path:
+    """One row per image: the image, then the class token's attention in each layer (mean over heads)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = mssa_attention(trunk, images).mean(2)  # average heads
+    b, layers = maps.shape[:2]
+    fig, axes = plt.subplots(b, layers + 1, figsize=(1.6 * (layers + 1), 1.6 * b), squeeze=False)
+    for i in range(b):
+        axes[i, 0].imshow(shown[i].permute(1, 2, 0).clamp(0, 1).numpy())
+        for j in range(layers):
+            axes[i, j + 1].imshow(maps[i, j].numpy(), cmap="magma")
+            if i == 0:
+                axes[i, j + 1].set_title(f"layer {j + 1}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, Path(path))
+    return Path(path)
