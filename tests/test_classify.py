@@ -160,3 +160,15 @@ def test_train_on_shards(demo_data, tmp_path):
     with pytest.raises(RecipeError, match="num_classes is needed for shard data"):
         train(str(CONFIGS / "demo_cls_scratch.py"),
               [f"train_data={tmp_path / 'shards' / '{0..1}.tar'}", "val_data=None", f"output={tmp_path}", "name=x"])
+
+
+def test_torchrun_two_processes(demo_data, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    recipe, over = _scratch(demo_data, tmp_path, "ddp", "epochs=1", "global_batch=64", "warmup_epochs=0")
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "crate_alpha.classify", "train",
+                        recipe, *over], capture_output=True, text=True, check=False, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "ddp" / "recipe.json").read_text())
+    assert rec["world_size"] == 2 and rec["batch_per_process"] == 32
+    s = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert s["history"][0]["samples"] == demo_data[1]["test_samples"]
