@@ -14,7 +14,7 @@ from PIL import Image
 
 
 def _make_shards(folder: Path, n: int, size: int) -> list:
-    from crate_alpha.data.digits import CLASSNAMES, _write_tar, digit_image
+    from crate_alpha.data.digits import CLASSNAMES, write_tar, digit_image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -29,7 +29,7 @@ def _make_shards(folder: Path, n: int, size: int) -> list:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         samples.append((f"{i:06d}", {"jpg": buf.getvalue(), "txt": CLASSNAMES[digits.target[k]].encode()}))
-    _write_tar(folder / "000000.tar", samples)
+    write_tar(folder / "000000.tar", samples)
     return [str(folder / "000000.tar")]
 
 

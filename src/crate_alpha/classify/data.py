@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -87,6 +86,3 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
                            persistent_workers=False)
     return loader, n, None
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -7,6 +7,7 @@ interrupted or failed conversion never leaves a half-written OUT_DIR behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -141,7 +142,7 @@ def write_open_clip_folder(out_dir: os.PathLike, model_cfg: dict, state: Dict[st
 
     import crate_alpha  # noqa: F401  (registers the vision trunks)
 
-    model = open_clip.model.CLIP(**copy_cfg(model_cfg))
+    model = open_clip.model.CLIP(**copy.deepcopy(model_cfg))
     load_strict(model, state, "converted CLIP model")
     with atomic_dir(out_dir, force) as tmp:
         _save_tensors(state, tmp / OPEN_CLIP_WEIGHTS)
@@ -169,6 +170,7 @@ def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_di
         trunk_pos = state.get("visual.trunk.pos_embed")
         if trunk_pos is not None:
             import math
+
             from .. import variant_args
 
             patch = variant_args(cfg["vision_cfg"]["timm_model_name"])["patch_size"]
@@ -184,7 +186,7 @@ def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_di
     # load through the model, so that a checkpoint of another resolution is resampled
     from open_clip.model import resize_pos_embed
 
-    model = open_clip.model.CLIP(**copy_cfg(cfg))
+    model = open_clip.model.CLIP(**copy.deepcopy(cfg))
     resize_pos_embed(state, model)
     try:
         model.load_state_dict(state)
@@ -194,8 +196,3 @@ def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_di
     pp = {"size": cfg["vision_cfg"].get("image_size", 224)}  # open_clip's default normalisation, as trained
     return write_open_clip_folder(out_dir, cfg, state, pp, force=force)
 
-
-def copy_cfg(cfg: dict) -> dict:
-    import copy
-
-    return copy.deepcopy(cfg)

@@ -51,7 +51,7 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _write_tar(path: Path, samples) -> None:
+def write_tar(path: Path, samples) -> None:
     tmp = path.with_suffix(".tar.tmp")
     with tarfile.open(tmp, "w") as tar:
         for key, files in samples:
@@ -114,7 +114,7 @@ def build_demo(out_dir: os.PathLike, image_size: int = 64, test_fraction: float 
         d = out / "imagefolder" / "val" / CLASSNAMES[label]
         d.mkdir(parents=True, exist_ok=True)
         img.save(d / f"digit{i:04d}.png")
-    _write_tar(test_dir / "0.tar", samples)
+    write_tar(test_dir / "0.tar", samples)
     (test_dir / "nshards.txt").write_text("1\n")
     (out / "wds" / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (out / "wds" / "zeroshot_classification_templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
