@@ -51,12 +51,12 @@ def test_short_training_from_scratch_and_eval(demo_data, tmp_path):
     r = run_eval(str(demo_data[0] / "imagefolder" / "val"), str(tmp_path / "e.json"), checkpoint=s["checkpoint"])
     assert r["samples"] == demo_data[1]["test_samples"]
     # the same evaluation over webdataset shards (.jpg + .cls)
+    from PIL import Image
     from torchvision.datasets import ImageFolder
     ds = ImageFolder(str(demo_data[0] / "imagefolder" / "val"))
     samples = []
     for i, (path, label) in enumerate(ds.samples):
         buf = io.BytesIO()
-        from PIL import Image
         Image.open(path).convert("RGB").save(buf, "PNG")
         samples.append((f"{i:05d}", {"png": buf.getvalue(), "cls": str(label).encode()}))
     (tmp_path / "shards").mkdir()

@@ -126,11 +126,9 @@ def damaged_shards(tmp_path):
     write_tar(d / "00000.tar", [(f"a{i}", good(i)) for i in range(4)])
     write_tar(d / "00001.tar", [("b0", good(10)), ("b1", {"jpg": b"\xff\xd8garbage", "txt": b"x"}),
                                 ("b2", {"jpg": jpeg_bytes(11)}), ("b3", good(12))])
-    full = io.BytesIO()
     write_tar(d / "00002.tar", [(f"c{i}", good(20 + i)) for i in range(4)])
     data = (d / "00002.tar").read_bytes()
     (d / "00002.tar").write_bytes(data[: len(data) // 2 + 100])
-    del full
     return d
 
 

@@ -78,6 +78,10 @@ def test_zeroshot_retrieval_through_clip_benchmark(demo_data, tmp_path):
     write_tar(root / "test" / "0.tar", samples)
     (root / "test" / "nshards.txt").write_text("1\n")
     (root / "dataset_type.txt").write_text("retrieval\n")
+    # an open_clip name with no checkpoint evaluates the freshly initialised model
+    r0 = clip_benchmark_eval("crate-alpha-demo", "wds/digits_retrieval", str(root), str(tmp_path / "r0.json"),
+                             task="zeroshot_retrieval")
+    assert r0["task"] == "zeroshot_retrieval"
     model = open_clip.create_model("crate-alpha-demo")
     torch.save({"state_dict": model.state_dict(), "epoch": 1}, tmp_path / "ckpt.pt")
     r = clip_benchmark_eval("crate-alpha-demo", "wds/digits_retrieval", str(root), str(tmp_path / "r.json"),

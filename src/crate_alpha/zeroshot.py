@@ -47,7 +47,7 @@ def clip_benchmark_eval(model: str, dataset: str, dataset_root: str, output: str
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".partial.json")
     argv = ["clip_benchmark", "eval", "--model_type", "open_clip", "--model", model,
-            "--pretrained", checkpoint or "none", "--dataset", dataset, "--dataset_root", dataset_root,
+            "--pretrained", checkpoint or "", "--dataset", dataset, "--dataset_root", dataset_root,
             "--task", task, "--batch_size", str(batch_size), "--num_workers", str(workers),
             "--output", str(tmp), "--quiet"]
     if not torch.cuda.is_available():
