@@ -24,15 +24,14 @@ def _download(a) -> int:
 
 
 def _verify(a) -> int:
-    from crate_alpha.data.verify import format_report, train_num_samples, verify_folder
+    from crate_alpha.data.verify import advice, format_report, train_num_samples, verify_folder
 
     reports = verify_folder(a.folder, require_caption=not a.no_caption)
     print(format_report(reports))
-    damaged = any(not r.ok for r in reports)
-    print(f"--train-num-samples {train_num_samples(reports)}")
-    if damaged:
-        print("damage found: re-download the shards named above (download resumes) or drop them", file=sys.stderr)
-    return 1 if damaged else 0
+    print(f"--train-num-samples {train_num_samples(reports)}  (usable samples only)")
+    for line in advice(reports):
+        print(line, file=sys.stderr)
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def _demo(a) -> int:
@@ -68,7 +67,8 @@ def main(argv=None) -> int:
     d.add_argument("--filter", action="append", help="row filter COLUMN OP VALUE, e.g. 'clip_l14_similarity_score>=0.3'")
     d.add_argument("--min-clip-score", type=float, help="shorthand for --filter '<clip-score-col>>=X'")
     d.add_argument("--clip-score-col", default="clip_l14_similarity_score")
-    d.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    d.add_argument("--no-resume", action="store_true",
+                   help="start over: deletes OUT only if this pipeline wrote it (or it is empty)")
     d.add_argument("--url-col", default="url")
     d.add_argument("--caption-col", default="text")
     d.add_argument("--hash-col", default="sha256", help="sha256 column to verify against ('' to skip)")
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     m.add_argument("--out", default="runs/demo/data")
     m.add_argument("--image-size", type=int, default=64)
     m.add_argument("--processes", type=int, default=2)
-    m.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    m.add_argument("--force", action="store_true",
+                   help="rebuild an existing demo corpus (a folder it did not write is never touched)")
     m.set_defaults(fn=_demo)
 
     b = sub.add_parser("bench", help="decode throughput: plain vs reduced-size JPEG decode")

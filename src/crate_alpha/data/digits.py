@@ -22,6 +22,9 @@ from PIL import Image
 
 from .download import download
 from .loopback import serve_folder
+from .ownership import claim, clear_owned, owner_kind
+
+DEMO_KIND = "demo corpus"
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = [
@@ -69,11 +72,10 @@ def build_demo(out_dir: os.PathLike, image_size: int = 64, test_fraction: float 
     from sklearn.model_selection import train_test_split
 
     out = Path(out_dir)
-    if out.exists():
-        if not force and (out / "demo.json").exists():
-            return json.loads((out / "demo.json").read_text())
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if not force and owner_kind(out) == DEMO_KIND and (out / "demo.json").exists():
+        return json.loads((out / "demo.json").read_text())
+    clear_owned(out, DEMO_KIND)  # an earlier (perhaps killed) demo build, or an empty folder; nothing else
+    claim(out, DEMO_KIND)
     t0 = time.time()
     digits = load_digits()
     idx = np.arange(len(digits.target))

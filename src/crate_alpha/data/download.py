@@ -3,12 +3,14 @@
 img2dataset does the downloading, resizing, sharding, retries and incremental resume;
 this module adds what DataComp users set around it: row filters on metadata columns,
 hash verification against the metadata's sha256 (which rejects truncated or altered
-files), PIL's decompression-bomb limit, and a summary of img2dataset's per-shard
-statistics.
+files), http(s)-only fetching and a header-checked decompression-bomb limit (see
+``sample_checks``), one caption policy shared with ``verify``, a record of the first
+run's settings that a resume must match, and a summary of img2dataset's statistics.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import operator
 import os
@@ -22,16 +24,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .ownership import DataError, check_may_write, claim, clear_owned
+from .sample_checks import checked_img2dataset
+
 # Columns img2dataset fills itself (it measures sizes and hashes the bytes it fetched).
 RESERVED_COLUMNS = {"key", "url", "caption", "width", "height", "original_width", "original_height", "status",
                     "error_message", "exif", "md5", "sha256", "sha512"}
 PIPELINE_DIR = "_pipeline"  # our files; img2dataset globs *.json at the top level only
 _OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
 _FILTER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the problem and what to do."""
+SHARDS_KIND = "shards"
+SETTINGS = "settings.json"
+NO_CAPTION = "no caption (row dropped before download)"
+_STATS = re.compile(r"^\d+_stats\.json$")
+# Settings a resume must share with the first run: any of them changes which rows land in
+# which shard or what a sample holds, so mixing two runs would duplicate or lose samples.
+BINDING_SETTINGS = ("metadata", "filters", "url_col", "caption_col", "hash_col", "image_size", "resize_mode",
+                    "samples_per_shard", "encode_quality", "max_image_area")
 
 
 def parse_filter(expr: str):
@@ -76,6 +85,12 @@ def filter_metadata(inputs: Sequence[os.PathLike], out_path: os.PathLike, filter
         if col not in table.column_names:
             raise DataError(f"metadata has no {col!r} column; columns are: {', '.join(table.column_names)}")
     n_in = table.num_rows
+    # One caption policy with ``verify``: a sample needs a non-blank caption, so rows without
+    # one are dropped here (and counted) rather than fetched and flagged later.
+    has_caption = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(
+        pc.cast(table[caption_col], pa.string()))), 0), False)
+    no_caption = n_in - pc.sum(pc.cast(has_caption, pa.int64())).as_py() if n_in else 0
+    table = table.filter(has_caption)
     for expr in filters:
         col, op, value = parse_filter(expr)
         if col not in table.column_names:
@@ -88,11 +103,13 @@ def filter_metadata(inputs: Sequence[os.PathLike], out_path: os.PathLike, filter
     tmp = out_path.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, out_path)
-    return {"rows_in": n_in, "rows_kept": table.num_rows, "columns": table.column_names}
+    return {"rows_in": n_in, "rows_kept": table.num_rows, "no_caption": no_caption, "columns": table.column_names}
 
 
 def _reason(message: str) -> str:
     m = message.lower()
+    if m.startswith("unsupported url scheme"):
+        return message.split(" (")[0]
     if "hash mismatch" in m:
         return "hash mismatch (truncated or altered file)"
     if "timed out" in m or "timeout" in m:
@@ -177,42 +194,106 @@ def download(
     from img2dataset import download as img2dataset_download
 
     output_dir = Path(output_dir)
-    if not resume and output_dir.exists():
-        # Start over ourselves: img2dataset's "overwrite" mode would also delete our metadata.
-        shutil.rmtree(output_dir)
+    settings = {
+        "metadata": [_file_record(f) for f in _metadata_files(metadata)],
+        "filters": list(filters), "url_col": url_col, "caption_col": caption_col, "hash_col": hash_col or None,
+        "image_size": image_size, "resize_mode": resize_mode, "samples_per_shard": samples_per_shard,
+        "encode_quality": encode_quality, "max_image_area": max_image_area,
+    }
+    if not resume:
+        # Start over ourselves: img2dataset's "overwrite" mode deletes whatever the folder holds.
+        clear_owned(output_dir, SHARDS_KIND)
+    check_may_write(output_dir, SHARDS_KIND)
     work = output_dir / PIPELINE_DIR
+    _check_resume_settings(work / SETTINGS, settings, output_dir)
+    _check_no_stray_json(output_dir)
+    claim(output_dir, SHARDS_KIND)
+    work.mkdir(exist_ok=True)
+    if not (work / SETTINGS).exists():
+        _write_json(settings, work / SETTINGS)
     info = filter_metadata(metadata, work / "metadata.parquet", filters, url_col, caption_col)
     if info["rows_kept"] == 0:
-        raise DataError(f"no metadata rows left after filters {list(filters)} (of {info['rows_in']})")
+        raise DataError(f"no metadata rows left after filters {list(filters)} and the caption policy "
+                        f"(of {info['rows_in']}; {info['no_caption']} had no caption)")
     columns = info["columns"]
     verify = [hash_col, "sha256"] if hash_col and hash_col in columns else None
     extra = [c for c in columns if c not in (url_col, caption_col, hash_col) and c not in RESERVED_COLUMNS]
-    img2dataset_download(
-        url_list=str(work / "metadata.parquet"),
-        input_format="parquet",
-        url_col=url_col,
-        caption_col=caption_col,
-        save_additional_columns=extra,
-        output_format="webdataset",
-        output_folder=str(output_dir),
-        image_size=image_size,
-        resize_mode=resize_mode,
-        encode_quality=encode_quality,
-        number_sample_per_shard=samples_per_shard,
-        processes_count=processes,
-        thread_count=threads,
-        retries=retries,
-        timeout=timeout,
-        verify_hash=verify,
-        compute_hash="sha256",
-        max_image_area=max_image_area,
-        incremental_mode="incremental",
-        distributor="multiprocessing",
-        enable_wandb=False,
-    )
+    try:
+        with checked_img2dataset():
+            img2dataset_download(
+                url_list=str(work / "metadata.parquet"),
+                input_format="parquet",
+                url_col=url_col,
+                caption_col=caption_col,
+                save_additional_columns=extra,
+                output_format="webdataset",
+                output_folder=str(output_dir),
+                image_size=image_size,
+                resize_mode=resize_mode,
+                encode_quality=encode_quality,
+                number_sample_per_shard=samples_per_shard,
+                processes_count=processes,
+                thread_count=threads,
+                retries=retries,
+                timeout=timeout,
+                verify_hash=verify,
+                compute_hash="sha256",
+                max_image_area=max_image_area,
+                incremental_mode="incremental",
+                distributor="multiprocessing",
+                enable_wandb=False,
+            )
+    finally:
+        # img2dataset removes its work folder only when it succeeds; a resume writes it anew.
+        shutil.rmtree(output_dir / "_tmp", ignore_errors=True)
     summary = summarize(output_dir)
+    if info["no_caption"]:
+        summary["failures_by_reason"] = {NO_CAPTION: info["no_caption"], **summary["failures_by_reason"]}
     summary.update(rows_in=info["rows_in"], rows_kept=info["rows_kept"], filters=list(filters))
-    tmp = work / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, work / "summary.json")
+    _write_json(summary, work / "summary.json")
     return summary
+
+
+def _write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _file_record(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"name": path.name, "size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _check_resume_settings(path: Path, now: dict, output_dir: Path) -> None:
+    """Refuse to resume a shard folder with settings other than its first run's."""
+    if not path.exists():
+        return
+    first = json.loads(path.read_text())
+    diffs = []
+    for key in BINDING_SETTINGS:
+        a, b = first.get(key), now.get(key)
+        if key == "metadata":
+            if [(m["size"], m["sha256"]) for m in a or []] != [(m["size"], m["sha256"]) for m in b]:
+                names = lambda ms: ", ".join(f"{m['name']} ({m['size']} B, sha256 {m['sha256'][:12]})" for m in ms)  # noqa: E731
+                diffs.append(f"metadata files: first run {names(a or [])}; now {names(b)}")
+        elif a != b:
+            diffs.append(f"{key}: first run {a!r}, now {b!r}")
+    if diffs:
+        raise DataError(
+            f"{output_dir} was downloaded with other settings, and resuming would duplicate or lose samples: "
+            + "; ".join(diffs) + ". Rerun with the first run's settings to resume, or start over with "
+            "--no-resume (deletes this shard folder) or a new --out")
+
+
+def _check_no_stray_json(output_dir: Path) -> None:
+    # img2dataset parses every top-level *.json of its output folder as "<shard>_stats.json"
+    if not output_dir.is_dir():
+        return
+    stray = sorted(p.name for p in output_dir.glob("*.json") if not _STATS.match(p.name))
+    if stray:
+        raise DataError(f"{output_dir} holds {', '.join(stray)}, which img2dataset would read as shard statistics; "
+                        "move these files out of the shard folder and rerun")

@@ -1,35 +1,54 @@
-"""Check a folder of webdataset shards: counts, and every kind of damage, by shard and key."""
+"""Check a folder of webdataset shards: counts, and every kind of damage, by shard and key.
+
+Samples are grouped exactly as webdataset groups them (its own ``base_plus_ext`` split, a
+sample is a run of adjacent members with one key), so what is reported here is what the
+training loader will see: a duplicate member that webdataset raises on, a name that it
+silently drops, a key that comes back as a second sample.
+"""
 from __future__ import annotations
 
 import io
 import os
+import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
+
+# What to do about each kind of damage; the caption policy is the one ``download`` applies
+# (rows without a caption are never fetched), so an empty caption is not fixed by fetching again.
+ADVICE = {
+    "tar": "re-download: delete the shard and its NNNNN_stats.json, then rerun the same download command "
+           "(it resumes and fetches only that shard)",
+    "image": "re-download the shard as above; if the image is bad at its source too, the loader skips the sample",
+    "name": "the shard was altered or not written by this pipeline: rebuild it or drop it "
+            "(webdataset raises on duplicate members and silently drops or splits the others)",
+    "caption": "the metadata had no caption for these rows, so fetching again cannot help: drop the samples, "
+               "or pass --no-caption if you train without captions (download drops such rows itself)",
+}
 
 
 @dataclass
 class ShardReport:
     shard: str
-    samples: int = 0
+    samples: int = 0   # samples as webdataset groups them
+    usable: int = 0    # samples without any problem
     problems: List[str] = field(default_factory=list)  # "key: what is wrong"
+    kinds: set = field(default_factory=set)            # keys of ADVICE that apply
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-
-def _split_key(name: str):
-    base = os.path.basename(name)
-    dirname = os.path.dirname(name)
-    key, _, ext = base.partition(".")
-    return (f"{dirname}/{key}" if dirname else key), ext.lower()
+    def flag(self, kind: str, message: str) -> None:
+        self.kinds.add(kind)
+        self.problems.append(message)
 
 
 def _check_image(data: bytes) -> str:
@@ -41,39 +60,68 @@ def _check_image(data: bytes) -> str:
     return ""
 
 
+def _unsafe(name: str) -> bool:
+    return name.startswith("/") or ".." in posixpath.normpath(name).split("/")
+
+
 def verify_shard(path: os.PathLike, require_caption: bool = True) -> ShardReport:
     path = Path(path)
     rep = ShardReport(shard=path.name)
-    samples: Dict[str, Dict[str, bytes]] = {}
-    order: List[str] = []
+    groups: List[tuple] = []   # (key, {ext: bytes}, [problems])
+    seen_keys: Dict[str, int] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _split_key(member.name)
+                name = member.name
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
                 if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} is cut short")
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][ext] = data
+                    raise tarfile.ReadError(f"member {name} is cut short")
+                if _unsafe(name):
+                    rep.flag("name", f"{name}: member name points outside the shard")
+                    continue
+                key, ext = base_plus_ext(name)
+                if key is None:
+                    rep.flag("name", f"{name}: member name has no key (it starts with a dot or has no "
+                                     "extension); webdataset drops it silently")
+                    continue
+                ext = ext.lower()
+                if groups and groups[-1][0] == key:
+                    parts, problems = groups[-1][1], groups[-1][2]
+                    if ext in parts:
+                        rep.kinds.add("name")
+                        problems.append(f"duplicate member {key}.{ext} (webdataset raises on it)")
+                else:
+                    parts, problems = {}, []
+                    if key in seen_keys:
+                        rep.kinds.add("name")
+                        problems.append("key appears again after other samples (webdataset reads it as a "
+                                        "second sample)")
+                    seen_keys[key] = seen_keys.get(key, 0) + 1
+                    groups.append((key, parts, problems))
+                parts[ext] = data
     except (tarfile.TarError, EOFError, OSError) as e:
-        rep.problems.append(f"(tar): truncated or unreadable tar after {len(order)} samples ({e})")
-    for key in order:
-        parts = samples[key]
+        rep.flag("tar", f"(tar): truncated or unreadable tar after {len(groups)} samples ({e})")
+    for key, parts, problems in groups:
         image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
         if image_ext is None:
-            rep.problems.append(f"{key}: sample without image")
+            rep.kinds.add("image")
+            problems.append("sample without image")
         else:
             err = _check_image(parts[image_ext])
             if err:
-                rep.problems.append(f"{key}: {err}")
-        if require_caption and not any(parts.get(e, b"").strip() for e in CAPTION_EXTS):
-            rep.problems.append(f"{key}: sample without caption")
-    rep.samples = len(order)
+                rep.kinds.add("image")
+                problems.append(err)
+        if require_caption:
+            present = [e for e in CAPTION_EXTS if e in parts]
+            if not any(parts[e].strip() for e in present):
+                rep.kinds.add("caption")
+                problems.append("empty caption" if present else "sample without caption")
+        rep.problems += [f"{key}: {p}" for p in problems]
+        rep.usable += not problems
+    rep.samples = len(groups)
     return rep
 
 
@@ -89,16 +137,29 @@ def verify_folder(folder: os.PathLike, require_caption: bool = True) -> List[Sha
 
 def format_report(reports: List[ShardReport]) -> str:
     width = max(len(r.shard) for r in reports)
-    lines = [f"{'shard':<{width}}  samples  status", "-" * (width + 24)]
+    lines = [f"{'shard':<{width}}  samples   usable  status", "-" * (width + 33)]
     for r in reports:
-        lines.append(f"{r.shard:<{width}}  {r.samples:7d}  {'ok' if r.ok else f'{len(r.problems)} problem(s)'}")
+        status = "ok" if r.ok else f"{len(r.problems)} problem(s)"
+        lines.append(f"{r.shard:<{width}}  {r.samples:7d}  {r.usable:7d}  {status}")
         lines += [f"    {r.shard}: {p}" for p in r.problems]
     total = sum(r.samples for r in reports)
+    usable = train_num_samples(reports)
     bad = sum(len(r.problems) for r in reports)
-    lines.append("-" * (width + 24))
-    lines.append(f"{'total':<{width}}  {total:7d}  {'ok' if not bad else f'{bad} problem(s)'}")
+    lines.append("-" * (width + 33))
+    lines.append(f"{'total':<{width}}  {total:7d}  {usable:7d}  {'ok' if not bad else f'{bad} problem(s)'}")
     return "\n".join(lines)
 
 
+def advice(reports: List[ShardReport]) -> List[str]:
+    """One line of advice per kind of damage found, naming the shards it concerns."""
+    lines = []
+    for kind, text in ADVICE.items():
+        shards = [r.shard for r in reports if kind in r.kinds]
+        if shards:
+            lines.append(f"{kind} damage in {', '.join(shards)}: {text}")
+    return lines
+
+
 def train_num_samples(reports: List[ShardReport]) -> int:
-    return sum(r.samples for r in reports)
+    """Samples the loader can use: those verify found nothing wrong with."""
+    return sum(r.usable for r in reports)
