@@ -363,11 +363,33 @@ def custom_variant_name(width: int, depth: int, heads: int, patch: int, res: int
     return f"crate_alpha_w{width}_d{depth}_h{heads}_patch{patch}_{res}"
 
 
+def check_shape_args(embed_dim, depth, num_heads, patch_size, img_size, what: str = "CRATE-α model") -> None:
+    """Refuse a shape that would build an empty model or divide by zero, naming the problem."""
+    problems = []
+    for key, value in (("width", embed_dim), ("depth", depth), ("heads", num_heads)):
+        if value < 1:
+            problems.append(f"{key} {value} must be at least 1")
+    # timm accepts img_size=None (dynamic input size); then only the patch can be checked.
+    patch = to_2tuple(patch_size)
+    res = to_2tuple(img_size) if img_size is not None else None
+    if min(patch) < 1:
+        problems.append(f"patch size {patch_size} must be at least 1")
+    if res is not None and min(res) < 1:
+        problems.append(f"resolution {img_size} must be at least 1")
+    if not problems and res is not None and (patch[0] > res[0] or patch[1] > res[1]):
+        problems.append(f"patch size {patch_size} is larger than the resolution {img_size}")
+    if embed_dim >= 1 and num_heads >= 1 and embed_dim % num_heads:
+        problems.append(f"width {embed_dim} is not divisible by {num_heads} heads")
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+
+
 def variant_args(name: str) -> Dict[str, Any]:
     """Architecture arguments of a registered or shape-named CRATE-α variant."""
     m = _CUSTOM_NAME.match(name)
     if m:
         w, d, h, p, r = map(int, m.groups())
+        check_shape_args(w, d, h, p, r, what=name)
         return dict(embed_dim=w, depth=d, num_heads=h, patch_size=p, img_size=r)
     for size, patch, res in _VARIANTS:
         if variant_name(size, patch, res) == name:
@@ -393,6 +415,9 @@ default_cfgs = generate_default_cfgs({
 def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
     args = variant_args(variant)
     args.update(kwargs)
+    # Size arguments may override the name's, so the merged shape is checked again.
+    check_shape_args(args["embed_dim"], args["depth"], args["num_heads"], args["patch_size"], args["img_size"],
+                     what=variant)
     if _CUSTOM_NAME.match(variant):
         if args.get("pretrained_cfg") is None:
             args["pretrained_cfg"] = _cfg(to_2tuple(args["img_size"])[0])

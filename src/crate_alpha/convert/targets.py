@@ -11,6 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..crate_alpha import (
     CRATE_ALPHA_SIZES,
+    _CUSTOM_NAME,
     _VARIANTS,
     custom_variant_name,
     list_crate_alpha_models,
@@ -45,14 +46,22 @@ def model_heads(model: Optional[str]) -> Optional[int]:
     timm_name = OPEN_CLIP_NAMES.get(model, model)
     try:
         return variant_args(timm_name)["num_heads"]
-    except ValueError:
+    except ValueError as e:
+        if _CUSTOM_NAME.match(timm_name):  # a shape name, but an impossible shape: say which part
+            raise ConversionError(str(e)) from None
         raise ConversionError(
             f"unknown model name {model!r}; CRATE-α names are: {', '.join(known_model_names())}"
         ) from None
 
 
+def _check_count(value: Optional[int], option: str) -> None:
+    if value is not None and value < 1:
+        raise ConversionError(f"{option} must be a positive number of heads, got {value}")
+
+
 def resolve_heads(width: int, heads: Optional[int], model: Optional[str], what: str = "vision") -> int:
     """Head count: --heads, else --model, else the paper's size with this width."""
+    _check_count(heads, "--heads")
     named = model_heads(model)
     if heads is None:
         heads = named
@@ -69,6 +78,9 @@ def resolve_heads(width: int, heads: Optional[int], model: Optional[str], what: 
 
 
 def resolve_text_heads(width: int, text_heads: Optional[int], model: Optional[str]) -> int:
+    _check_count(text_heads, "--text-heads")
+    if width < 1:
+        raise ConversionError(f"text width {width} must be at least 1")
     if model is not None:
         model_heads(model)  # validates the name
     heads = text_heads or CLIPA_TEXT_HEADS.get(model) or max(width // 64, 1)
