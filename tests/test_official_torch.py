@@ -187,8 +187,14 @@ def test_existing_out_dir_needs_force(fixtures, tmp_path):
     with pytest.raises(ConversionError, match="--force"):
         convert_official_torch(src, out, heads=4)
     assert (out / "keep.txt").exists()
+    # --force never deletes files this tool did not write
+    with pytest.raises(ConversionError, match="empty it yourself"):
+        convert_official_torch(src, out, heads=4, force=True)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
     convert_official_torch(src, out, heads=4, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    convert_official_torch(src, out, heads=4, force=True)  # its own folder, replaced
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -57,10 +57,20 @@ def main(argv=None) -> int:
 
             out = export_open_clip_checkpoint(args.checkpoint, args.model, args.out_dir, args.image_size, args.force)
             print(f"wrote {out}; load with open_clip.create_model_and_transforms('local-dir:{out}')")
-    except ConversionError as e:
-        print(f"crate-alpha: error: {e}", file=sys.stderr)
+    except (ConversionError, ValueError, OSError) as e:
+        # ValueError: an impossible model shape refused by the model factory (e.g. 0 heads);
+        # OSError: reading a source or writing outside the converters' own checks.
+        print(f"crate-alpha: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

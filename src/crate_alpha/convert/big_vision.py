@@ -18,7 +18,14 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .folders import ConversionError, check_names, check_shape, write_open_clip_folder, write_timm_folder
+from .folders import (
+    ConversionError,
+    check_names,
+    check_out_dir,
+    check_shape,
+    write_open_clip_folder,
+    write_timm_folder,
+)
 from .targets import classifier_args, clipa_model_cfg, clipa_preprocess_cfg, trunk_name
 
 Tree = Dict[str, np.ndarray]
@@ -50,10 +57,17 @@ def load_npz(path: os.PathLike) -> Tree:
             tree = {}
             for k in z.files:
                 a = z[k]
+                if not isinstance(a, np.ndarray):  # numpy hands back any non-.npy member as raw bytes
+                    raise ConversionError(
+                        f"{path} is a zip archive but not an .npz of arrays: member {k!r} is not a .npy array")
                 if a.dtype.kind == "V" and a.dtype.itemsize == 2:
                     a = _bf16_to_f32(a)
                 tree[k] = a
+    except ConversionError:
+        raise
     except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise ConversionError(f"{path} is not a readable .npz file: {e}") from None
         raise ConversionError(
             f"{path} holds pickled objects, which are refused (loaded with allow_pickle=False): {e}") from None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
@@ -104,7 +118,7 @@ def convert_crate_tree(tree: Tree, prefix: str = "", dst: str = ""):
                 "big_vision CRATE-α parameters" + (f" under {prefix}" if prefix else ""), "parameters",
                 optional={f"{prefix}embedding/bias", f"{prefix}head/bias"})
     kernel = tree[f"{prefix}embedding/kernel"]
-    if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != 3:
+    if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != 3 or min(kernel.shape) < 1:
         raise ConversionError(f"{prefix}embedding/kernel has shape {kernel.shape}; expected (P, P, 3, width)")
     patch, width = kernel.shape[0], kernel.shape[3]
     pos = tree[f"{prefix}pos_embedding"]
@@ -175,7 +189,10 @@ def convert_two_towers(tree: Tree):
     img_keys = {k for k in tree if k.startswith("img/")}
     check_names(tree, expected | img_keys, "big_vision two-towers parameters", "parameters")
 
-    vocab, tw = tree["txt/Embed_0/embedding"].shape
+    emb = tree["txt/Embed_0/embedding"]
+    if emb.ndim != 2 or min(emb.shape) < 1:
+        raise ConversionError(f"txt/Embed_0/embedding has shape {emb.shape}; expected (vocab, width)")
+    vocab, tw = emb.shape
     pos = tree["txt/pos_embedding"]
     if pos.ndim != 3 or pos.shape[2] != tw:
         raise ConversionError(f"txt/pos_embedding has shape {pos.shape}; expected (1, context, {tw})")
@@ -185,7 +202,11 @@ def convert_two_towers(tree: Tree):
         raise ConversionError(f"txt/Transformer/encoderblock_0/{_MHA}/query/kernel has shape {q0.shape}; "
                               f"expected ({tw}, heads, {tw} // heads)")
     th = q0.shape[1]
-    hidden = tree["txt/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"].shape[1]
+    dense0 = tree["txt/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"]
+    if dense0.ndim != 2:
+        raise ConversionError(f"txt/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel has shape {dense0.shape}; "
+                              f"expected ({tw}, hidden)")
+    hidden = dense0.shape[1]
     out.update({
         "token_embedding.weight": _t(tree["txt/Embed_0/embedding"]),
         "positional_embedding": _t(pos[0]),
@@ -230,9 +251,8 @@ def detect_layout(tree: Tree) -> str:
 def convert_big_vision(src: str, out_dir: os.PathLike, force: bool = False) -> dict:
     """Convert a big_vision ``.npz`` (``file.npz`` or ``file.npz:img``) to a model folder."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ConversionError(f"output folder {out_dir} already exists; pass --force to replace it")
     path, sub = split_src(str(src))
+    check_out_dir(out_dir, force, protect=[path])  # before the long part, which may take minutes
     tree = load_npz(path)
     if sub is not None:
         if sub != "img":
@@ -245,9 +265,9 @@ def convert_big_vision(src: str, out_dir: os.PathLike, force: bool = False) -> d
         layout = detect_layout(tree)
     if layout in ("classifier", "image_tower"):
         arch, args, state = convert_classifier(tree)
-        write_timm_folder(out_dir, arch, args, state, force=force)
+        write_timm_folder(out_dir, arch, args, state, force=force, protect=[path])
         return {"layout": layout, "format": "timm", "architecture": arch, "model_args": args,
                 "out_dir": str(out_dir)}
     cfg, pp, state = convert_two_towers(tree)
-    write_open_clip_folder(out_dir, cfg, state, pp, force=force)
+    write_open_clip_folder(out_dir, cfg, state, pp, force=force, protect=[path])
     return {"layout": layout, "format": "open_clip", "model_cfg": cfg, "out_dir": str(out_dir)}

@@ -10,12 +10,16 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -50,32 +54,255 @@ def check_shape(entries, key: str, shape: tuple):
     return a
 
 
-@contextlib.contextmanager
-def atomic_dir(out_dir: os.PathLike, force: bool = False) -> Iterator[Path]:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ConversionError(f"output folder {out_dir} already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConversionError(f"output path {out_dir} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+def _resolved(path: os.PathLike) -> set:
+    """``path`` both as written (made absolute) and with symlinks followed."""
+    return {Path(os.path.abspath(path)), Path(path).resolve()}
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    return folder == path or folder in path.parents
+
+
+def _read_json(path: Path) -> dict:
     try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def is_replaceable(folder: Path) -> bool:
+    """Whether --force may replace ``folder``: empty, or exactly a model folder this project writes.
+
+    Anything else (a user's files, a folder with our files plus others) is never deleted.
+    """
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return False
+    if not entries:
+        return True
+    if not all(p.is_file() and not p.is_symlink() for p in entries):
+        return False
+    names = {p.name for p in entries}
+    if names == {TIMM_CONFIG, TIMM_WEIGHTS}:
+        cfg = _read_json(folder / TIMM_CONFIG)
+        return str(cfg.get("architecture", "")).startswith("crate_alpha_") and "pretrained_cfg" in cfg
+    if names == {OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS}:
+        cfg = _read_json(folder / OPEN_CLIP_CONFIG)
+        return isinstance(cfg.get("model_cfg"), dict) and "preprocess_cfg" in cfg
+    return False
+
+
+def check_out_dir(out_dir: os.PathLike, force: bool = False, protect=()) -> None:
+    """Refuse an OUT_DIR whose replacement would lose data, before any work is done.
+
+    ``protect`` holds the source files: OUT_DIR must be neither one of them nor a folder
+    holding one, and the same goes for the current directory (``.``, ``..``).
+    """
+    out_dir = Path(out_dir)
+    outs = _resolved(out_dir)
+    for kept, what in [(p, "the current directory") for p in _resolved(Path.cwd())] + \
+                      [(p, f"the source {src}") for src in protect for p in _resolved(src)]:
+        if any(_contains(o, kept) for o in outs):
+            raise ConversionError(
+                f"output folder {out_dir} is or contains {what}; replacing it would delete it. "
+                "Choose a new folder for OUT_DIR")
+    if out_dir.is_symlink():
+        raise ConversionError(f"output path {out_dir} is a symbolic link; choose a new folder for OUT_DIR")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"output path {out_dir} exists and is not a folder; choose a new folder for OUT_DIR")
+    if out_dir.exists():
+        if not force:
+            raise ConversionError(f"output folder {out_dir} already exists; pass --force to replace it")
+        if not is_replaceable(out_dir):
+            raise ConversionError(
+                f"output folder {out_dir} holds files that this tool did not write; --force only replaces "
+                "an empty folder or a model folder written by crate-alpha. Choose a new folder or empty it yourself")
+    # The nearest existing ancestor must be a folder we may write in; root passes os.access
+    # regardless, so a read-only folder still surfaces later as "cannot write".
+    parent = Path(os.path.abspath(out_dir)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConversionError(f"cannot write {out_dir}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot write {out_dir}: no permission to create entries in {parent}")
+
+
+# Every hidden partial / old folder holds this file naming its writer, so that a later run
+# can tell a folder orphaned by a kill (remove it) from one being written right now (keep it).
+WRITER_MARKER = ".crate-alpha-writer"
+# Without a marker nothing tells whether a writer is alive: such a folder comes from a run
+# killed in the instant between creating it and writing the marker, or from an older version
+# of this tool, whose writer could still be busy saving a huge model for a while.
+MARKERLESS_STALE_S = 3600
+# A writer on another machine (shared file system) cannot be probed; a day is far longer
+# than any conversion takes.
+FOREIGN_STALE_S = 86400
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int):
+    """Start time of ``pid`` in clock ticks since boot (Linux), or None where unknown.
+
+    With the PID it identifies a process even after the PID is reused.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def writer_record(pid: int) -> dict:
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _start_time(pid)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def _is_stale(folder: Path, now: float) -> bool:
+    marker = folder / WRITER_MARKER
+    try:
+        rec = json.loads(marker.read_text())
+        age = now - marker.stat().st_mtime
+    except (OSError, ValueError):
+        try:
+            return now - folder.stat().st_mtime > MARKERLESS_STALE_S
+        except OSError:
+            return False
+    if not isinstance(rec, dict) or not isinstance(rec.get("pid"), int):
+        return age > MARKERLESS_STALE_S
+    if rec.get("host") != socket.gethostname():
+        return age > FOREIGN_STALE_S
+    if rec.get("boot") != _boot_id():
+        return True  # the machine rebooted since: its writer is gone
+    if not _pid_alive(rec["pid"]):
+        return True
+    start = rec.get("start")
+    return start is not None and _start_time(rec["pid"]) not in (None, start)  # the PID was reused
+
+
+def remove_stale_partials(out_dir: Path) -> list:
+    """Remove hidden folders of ``out_dir`` left behind by killed runs; returns those removed.
+
+    Only names made by :func:`atomic_dir` for this very OUT_DIR qualify (``.NAME.partial-``
+    or ``.NAME.old-`` plus mkdtemp's 8 characters), and only when their writer is gone.
+    """
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(partial|old)-[a-z0-9_]{{8}}")
+    removed = []
+    now = time.time()
+    try:
+        siblings = list(out_dir.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and _is_stale(p, now):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _current_umask() -> int:
+    try:  # Linux shows it without changing it, which matters when other threads create files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere it can only be read by setting it, restored at once
+    os.umask(mask)
+    return mask
+
+
+def _hidden_dir(out_dir: Path, kind: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-", dir=out_dir.parent))
+    (d / WRITER_MARKER).write_text(json.dumps(writer_record(os.getpid())))
+    return d
+
+
+def _cannot_write(out_dir: Path, e: OSError, hidden=()) -> ConversionError:
+    reason = e.strerror or str(e)
+    # A path inside the hidden folders means nothing to the user (they are gone by now).
+    where = Path(os.path.abspath(e.filename)) if e.filename else None
+    if where is not None and where != Path(os.path.abspath(out_dir)) and \
+            not any(d is not None and _contains(d, where) for d in hidden):
+        reason += f" ({e.filename})"
+    return ConversionError(f"cannot write {out_dir}: {reason}")
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: os.PathLike, force: bool = False, protect=()) -> Iterator[Path]:
+    """A hidden folder to fill, renamed to ``out_dir`` once the body finishes without error.
+
+    ``out_dir`` is checked by :func:`check_out_dir`, and checked again just before an
+    existing one is replaced. Any OSError while writing becomes a ConversionError
+    "cannot write OUT_DIR: reason", with nothing left behind.
+    """
+    shown = Path(out_dir)
+    check_out_dir(shown, force, protect)
+    # abspath, not resolve: a symlinked parent stays as named, and "a/.." becomes a real name.
+    out_dir = Path(os.path.abspath(shown))
+    tmp = old = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out_dir)
+        tmp = _hidden_dir(out_dir, "partial")
         yield tmp
+        (tmp / WRITER_MARKER).unlink()
+        # mkdtemp makes 0700 and safetensors writes 0600; a model folder is shared like any
+        # other file the user makes, so it gets the umask's modes.
+        umask = _current_umask()
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            check_out_dir(shown, force, protect)
+            old = _hidden_dir(out_dir, "old")
             os.replace(out_dir, old / "dir")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                os.replace(old / "dir", out_dir)
+                raise
         else:
             os.replace(tmp, out_dir)
+    except OSError as e:
+        raise _cannot_write(shown, e, (tmp, old)) from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for d in (tmp, old):
+            if d is not None and d.exists():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _save_tensors(state: Dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path),
-              metadata={"format": "pt"})
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path),
+                  metadata={"format": "pt"})
+    except SafetensorError as e:
+        # safetensors reports I/O failures (a full disk) as its own error; as an OSError
+        # they read "cannot write OUT_DIR: No space left on device" like any other.
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def _write_json(obj: dict, path: Path) -> None:
@@ -103,7 +330,7 @@ def load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor], what: st
 
 def write_timm_folder(out_dir: os.PathLike, architecture: str, model_args: dict,
                       state: Dict[str, torch.Tensor], force: bool = False,
-                      crop_pct: float = 0.875, interpolation: str = "bilinear") -> Path:
+                      crop_pct: float = 0.875, interpolation: str = "bilinear", protect=()) -> Path:
     """A folder for ``timm.create_model("local-dir:OUT_DIR", pretrained=True)``."""
     import timm
 
@@ -129,14 +356,14 @@ def write_timm_folder(out_dir: os.PathLike, architecture: str, model_args: dict,
             "classifier": "head",
         },
     }
-    with atomic_dir(out_dir, force) as tmp:
+    with atomic_dir(out_dir, force, protect) as tmp:
         _save_tensors(state, tmp / TIMM_WEIGHTS)
         _write_json(config, tmp / TIMM_CONFIG)
     return Path(out_dir)
 
 
 def write_open_clip_folder(out_dir: os.PathLike, model_cfg: dict, state: Dict[str, torch.Tensor],
-                           preprocess_cfg: dict, force: bool = False) -> Path:
+                           preprocess_cfg: dict, force: bool = False, protect=()) -> Path:
     """A folder for ``open_clip.create_model_and_transforms("local-dir:OUT_DIR")``."""
     import open_clip
 
@@ -144,55 +371,74 @@ def write_open_clip_folder(out_dir: os.PathLike, model_cfg: dict, state: Dict[st
 
     model = open_clip.model.CLIP(**copy.deepcopy(model_cfg))
     load_strict(model, state, "converted CLIP model")
-    with atomic_dir(out_dir, force) as tmp:
+    with atomic_dir(out_dir, force, protect) as tmp:
         _save_tensors(state, tmp / OPEN_CLIP_WEIGHTS)
         _write_json({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, tmp / OPEN_CLIP_CONFIG)
     return Path(out_dir)
 
 
+def _load_error(e: Exception) -> str:
+    # torch's message opens with "Error(s) in loading state_dict for CLIP:"; the lines after name the keys.
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    return "; ".join(lines[:5]) or type(e).__name__
+
+
 def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_dir: os.PathLike,
                                 image_size: int | None = None, force: bool = False) -> Path:
     """A training checkpoint (open_clip_train's epoch_*.pt) as an open_clip ``local-dir:`` folder."""
+    import math
+
     import open_clip
+    from open_clip.model import resize_pos_embed
 
     import crate_alpha  # noqa: F401
+
+    from .. import custom_variant_name, variant_args
+    from .official_torch import load_torch_state_dict
 
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         names = ", ".join(n for n in open_clip.list_models() if "crate" in n or "demo" in n)
         raise ConversionError(f"unknown open_clip model {model_name!r}; CRATE-α models: {names}")
-    if not Path(checkpoint).is_file():
-        raise ConversionError(f"checkpoint {checkpoint} does not exist")
-    obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    if image_size is None:
+    if image_size is not None and image_size < 1:
+        raise ConversionError(f"--image-size must be a positive number of pixels, got {image_size}")
+    check_out_dir(out_dir, force, protect=[checkpoint])
+    state = load_torch_state_dict(checkpoint)
+    vision = cfg["vision_cfg"]
+    timm_name = vision.get("timm_model_name")
+    if image_size is None and timm_name is not None:
         trunk_pos = state.get("visual.trunk.pos_embed")
         if trunk_pos is not None:
-            import math
-
-            from .. import variant_args
-
-            patch = variant_args(cfg["vision_cfg"]["timm_model_name"])["patch_size"]
-            image_size = math.isqrt(trunk_pos.shape[1] - 1) * patch
-    if image_size is not None and image_size != cfg["vision_cfg"].get("image_size"):
-        cfg["vision_cfg"]["image_size"] = image_size
-        if "timm_model_name" in cfg["vision_cfg"]:
-            from .. import custom_variant_name, variant_args
-
-            a = variant_args(cfg["vision_cfg"]["timm_model_name"])
-            cfg["vision_cfg"]["timm_model_name"] = custom_variant_name(
+            n = trunk_pos.shape[1] - 1 if trunk_pos.ndim == 3 else -1
+            side = math.isqrt(max(n, 0))
+            if n < 1 or side * side != n:
+                raise ConversionError(f"visual.trunk.pos_embed has shape {tuple(trunk_pos.shape)}; "
+                                      "expected (1, 1 + a square number of tokens, width)")
+            image_size = side * variant_args(timm_name)["patch_size"]
+    if image_size is not None and image_size != vision.get("image_size"):
+        vision["image_size"] = image_size
+        if timm_name is not None:
+            a = variant_args(timm_name)
+            vision["timm_model_name"] = custom_variant_name(
                 a["embed_dim"], a["depth"], a["num_heads"], a["patch_size"], image_size)
-    # load through the model, so that a checkpoint of another resolution is resampled
-    from open_clip.model import resize_pos_embed
-
-    model = open_clip.model.CLIP(**copy.deepcopy(cfg))
-    resize_pos_embed(state, model)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConversionError(f"{checkpoint} does not fit {model_name}: {str(e).splitlines()[0]}") from None
-    state = model.state_dict()
-    pp = {"size": cfg["vision_cfg"].get("image_size", 224)}  # open_clip's default normalisation, as trained
-    return write_open_clip_folder(out_dir, cfg, state, pp, force=force)
-
+        model = open_clip.model.CLIP(**copy.deepcopy(cfg))
+    except ValueError as e:
+        raise ConversionError(f"{model_name} at image size {vision.get('image_size')}: {e}") from None
+    # Loaded through the model, so that a checkpoint of another resolution is resampled.
+    try:
+        resize_pos_embed(state, model)
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError) as e:
+        raise ConversionError(f"{checkpoint} does not fit {model_name}: {_load_error(e)}") from None
+    problems = []
+    for what, keys in (("missing keys", result.missing_keys), ("unexpected keys", result.unexpected_keys)):
+        if keys:
+            more = f" (and {len(keys) - 10} more)" if len(keys) > 10 else ""
+            problems.append(f"{what}: {', '.join(keys[:10])}{more}")
+    if problems:
+        raise ConversionError(f"{checkpoint} does not fit {model_name}: " + " | ".join(problems))
+    pp = {"size": vision.get("image_size", 224)}  # open_clip's default normalisation, as trained
+    return write_open_clip_folder(out_dir, cfg, model.state_dict(), pp, force=force, protect=[checkpoint])

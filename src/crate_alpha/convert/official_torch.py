@@ -11,14 +11,21 @@ Two layouts are recognised from their keys:
 from __future__ import annotations
 
 import os
-import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
-from .folders import ConversionError, check_names, check_shape, write_open_clip_folder, write_timm_folder
+from .folders import (
+    ConversionError,
+    check_names,
+    check_out_dir,
+    check_shape,
+    write_open_clip_folder,
+    write_timm_folder,
+)
 from .targets import (
     classifier_args,
     clipa_model_cfg,
@@ -31,14 +38,30 @@ from .targets import (
 StateDict = Dict[str, torch.Tensor]
 
 
+def _is_torch_file(path: Path) -> bool:
+    """torch.save's zip archive (``*/data.pkl`` inside) or its legacy raw pickle."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) == b"\x80":
+                return True
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def load_torch_state_dict(path: os.PathLike) -> StateDict:
     """Read a plain tensor state dict; anything that needs code to unpickle is refused."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"checkpoint {path} does not exist")
+    if not _is_torch_file(path):
+        raise ConversionError(f"{path} is not a PyTorch checkpoint (a file written by torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+    except Exception as e:  # a damaged or hostile file can fail inside the unpickler in any way
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(
             f"{path} is not a plain tensor state dict loadable with weights_only=True "
@@ -48,10 +71,23 @@ def load_torch_state_dict(path: os.PathLike) -> StateDict:
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not obj:
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise ConversionError(f"{path}: keys that are not parameter names (strings): {', '.join(map(repr, bad[:10]))}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConversionError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _tensor(sd: StateDict, key: str, ndim: int, layout: str) -> torch.Tensor:
+    """``sd[key]``, refused with its shape unless it has ``ndim`` dimensions (read before the full checks)."""
+    a = sd.get(key)
+    if a is None:
+        raise ConversionError(f"missing keys: {key}")
+    if a.ndim != ndim:
+        raise ConversionError(f"{key} has shape {tuple(a.shape)}; expected {layout}")
+    return a
 
 
 def detect_layout(sd: StateDict) -> str:
@@ -77,7 +113,7 @@ def _depth(sd: StateDict, pattern: str) -> int:
 
 def _patch_and_grid(conv: torch.Tensor, pos: torch.Tensor, conv_key: str, pos_key: str):
     width, chans, kh, kw = conv.shape
-    if kh != kw or chans != 3:
+    if kh != kw or chans != 3 or min(width, kh) < 1:
         raise ConversionError(f"{conv_key} has shape {tuple(conv.shape)}; expected (width, 3, P, P)")
     n = pos.shape[-2] - 1
     side = int(round(n ** 0.5))
@@ -89,14 +125,13 @@ def _patch_and_grid(conv: torch.Tensor, pos: torch.Tensor, conv_key: str, pos_ke
 
 def convert_classifier(sd: StateDict, heads: Optional[int] = None, model: Optional[str] = None):
     """Official classifier state dict -> (architecture, model_args, timm state dict)."""
-    width = sd["conv1.weight"].shape[0]
+    conv = _tensor(sd, "conv1.weight", 4, "(width, 3, P, P)")
+    pos = _tensor(sd, "pos_embedding", 3, "(1, 1 + tokens, width)")
+    _tensor(sd, "mlp_head.1.weight", 2, "(classes, width)")
+    width = conv.shape[0]
     depth = _depth(sd, r"transformer\.layers\.(\d+)\.")
+    patch, res = _patch_and_grid(conv, pos.reshape(-1, pos.shape[-1]), "conv1.weight", "pos_embedding")
     heads = resolve_heads(width, heads, model)
-    pos = sd.get("pos_embedding")
-    if pos is None:
-        raise ConversionError("missing keys: pos_embedding")
-    patch, res = _patch_and_grid(sd["conv1.weight"], pos.reshape(-1, pos.shape[-1]), "conv1.weight",
-                                 "pos_embedding")
     # heads == 1 with head_dim == width has no output projection in the official code.
     project_out = "transformer.layers.0.0.fn.to_out.0.weight" in sd
     expected = {"conv1.weight", "conv1.bias", "cls_token", "pos_embedding",
@@ -154,13 +189,12 @@ def _untie_check(in_proj: torch.Tensor, width: int, key: str) -> torch.Tensor:
 def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Optional[int] = None,
                   model: Optional[str] = None):
     """Official CLIPA state dict -> (open_clip model_cfg, preprocess_cfg, open_clip state dict)."""
-    width = sd["visual.conv1.weight"].shape[0]
+    conv = _tensor(sd, "visual.conv1.weight", 4, "(width, 3, P, P)")
+    width = conv.shape[0]
     depth = _depth(sd, r"visual\.transformer\.resblocks\.(\d+)\.")
     text_layers = _depth(sd, r"transformer\.resblocks\.(\d+)\.")
-    if "visual.positional_embedding" not in sd:
-        raise ConversionError("missing keys: visual.positional_embedding")
-    patch, res = _patch_and_grid(sd["visual.conv1.weight"], sd["visual.positional_embedding"],
-                                 "visual.conv1.weight", "visual.positional_embedding")
+    pos = _tensor(sd, "visual.positional_embedding", 2, "(1 + tokens, width)")
+    patch, res = _patch_and_grid(conv, pos, "visual.conv1.weight", "visual.positional_embedding")
     expected = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
                 "visual.ln_post.weight", "visual.ln_post.bias", "visual.proj",
                 "token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
@@ -180,6 +214,10 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
     check_names(sd, expected, "official CLIPA state dict")
 
     heads = resolve_heads(width, heads, model)
+    for key, ndim, layout in (("visual.proj", 2, "(width, embed)"), ("token_embedding.weight", 2, "(vocab, width)"),
+                              ("positional_embedding", 2, "(context, width)"),
+                              ("transformer.resblocks.0.mlp.c_fc.weight", 2, "(hidden, width)")):
+        _tensor(sd, key, ndim, layout)
     embed_dim = sd["visual.proj"].shape[1]
     vocab, text_width = sd["token_embedding.weight"].shape
     context = sd["positional_embedding"].shape[0]
@@ -235,15 +273,14 @@ def convert_official_torch(src: os.PathLike, out_dir: os.PathLike, heads: Option
                            force: bool = False) -> dict:
     """Convert an official ``.pth`` into a timm (classifier) or open_clip (CLIPA) folder."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ConversionError(f"output folder {out_dir} already exists; pass --force to replace it")
+    check_out_dir(out_dir, force, protect=[src])  # before the long part, which may take minutes
     sd = load_torch_state_dict(src)
     layout = detect_layout(sd)
     if layout == "classifier":
         arch, args, state = convert_classifier(sd, heads=heads, model=model)
-        write_timm_folder(out_dir, arch, args, state, force=force)
+        write_timm_folder(out_dir, arch, args, state, force=force, protect=[src])
         return {"layout": layout, "format": "timm", "architecture": arch, "model_args": args,
                 "out_dir": str(out_dir)}
     model_cfg, pp_cfg, state = convert_clipa(sd, heads=heads, text_heads=text_heads, model=model)
-    write_open_clip_folder(out_dir, model_cfg, state, pp_cfg, force=force)
+    write_open_clip_folder(out_dir, model_cfg, state, pp_cfg, force=force, protect=[src])
     return {"layout": layout, "format": "open_clip", "model_cfg": model_cfg, "out_dir": str(out_dir)}
