@@ -5,6 +5,9 @@ import argparse
 import json
 import sys
 
+_FORCE_HELP = ("replace an existing OUT_DIR, if it is empty or a model folder written by crate-alpha "
+               "(any other files are never deleted)")
+
 
 def _add_convert(sub) -> None:
     conv = sub.add_parser("convert", help="convert released weights to a timm / open_clip folder")
@@ -15,11 +18,11 @@ def _add_convert(sub) -> None:
     p.add_argument("--heads", type=int, help="vision attention heads (not stored in the weights)")
     p.add_argument("--text-heads", type=int, help="text attention heads (default: width // 64)")
     p.add_argument("--model", help="a released model name whose head counts to use")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p = csub.add_parser("big-vision", help="a big_vision .npz (classifier, CLIPA two towers, or FILE.npz:img)")
     p.add_argument("src", help="big_vision .npz; FILE.npz:img converts only the image tower to a timm folder")
     p.add_argument("out_dir", help="model folder to write (must not exist unless --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
 
 def _add_export(sub) -> None:
@@ -28,7 +31,7 @@ def _add_export(sub) -> None:
     p.add_argument("out_dir")
     p.add_argument("--model", required=True, help="the open_clip model name it was trained as")
     p.add_argument("--image-size", type=int, help="resolution it was trained at (default: from the weights)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
 
 def main(argv=None) -> int:
