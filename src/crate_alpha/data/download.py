@@ -75,7 +75,7 @@ def _metadata_files(inputs: Sequence[os.PathLike]) -> List[Path]:
 
 
 def filter_metadata(inputs: Sequence[os.PathLike], out_path: os.PathLike, filters: Iterable[str] = (),
-                    url_col: str = "url", caption_col: str = "text") -> dict:
+                    url_col: str = "url", caption_col: str = "text", hash_col: Optional[str] = None) -> dict:
     """Concatenate metadata parquet files, keep the rows passing every filter, write one parquet."""
     import pyarrow.compute as pc
 
@@ -85,6 +85,10 @@ def filter_metadata(inputs: Sequence[os.PathLike], out_path: os.PathLike, filter
         if col not in table.column_names:
             raise DataError(f"metadata has no {col!r} column; columns are: {', '.join(table.column_names)}")
     n_in = table.num_rows
+    if hash_col and hash_col in table.column_names:
+        # an all-null column is typed null, and img2dataset writes the computed digest into it
+        i = table.column_names.index(hash_col)
+        table = table.set_column(i, hash_col, pc.cast(table[hash_col], pa.string()))
     # One caption policy with ``verify``: a sample needs a non-blank caption, so rows without
     # one are dropped here (and counted) rather than fetched and flagged later.
     has_caption = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(
@@ -211,7 +215,7 @@ def download(
     work.mkdir(exist_ok=True)
     if not (work / SETTINGS).exists():
         _write_json(settings, work / SETTINGS)
-    info = filter_metadata(metadata, work / "metadata.parquet", filters, url_col, caption_col)
+    info = filter_metadata(metadata, work / "metadata.parquet", filters, url_col, caption_col, hash_col)
     if info["rows_kept"] == 0:
         raise DataError(f"no metadata rows left after filters {list(filters)} and the caption policy "
                         f"(of {info['rows_in']}; {info['no_caption']} had no caption)")
