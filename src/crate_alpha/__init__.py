@@ -18,6 +18,7 @@ from .crate_alpha import (
     variant_args,
     variant_name,
 )
+from .crate import ISTA, Crate
 
 __version__ = "0.1.0"
 
@@ -39,7 +40,7 @@ def list_open_clip_models() -> list:
 _register_open_clip_configs()
 
 __all__ = [
-    "CRATE_ALPHA_SIZES", "MSSA", "ODL", "CrateAlpha", "MODEL_CONFIG_DIR", "custom_variant_name",
+    "CRATE_ALPHA_SIZES", "ISTA", "MSSA", "ODL", "Crate", "CrateAlpha", "MODEL_CONFIG_DIR", "custom_variant_name",
     "list_crate_alpha_models", "list_open_clip_models", "sincos_2d_pos_embed",
     "unknown_model_message", "variant_args", "variant_name",
 ]
