@@ -221,9 +221,25 @@ def _pos_embed_for(enc: nn.Module, grid: Tuple[int, int]) -> Optional[torch.Tens
 def _embed(enc: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Patch embedding, prefix tokens and positions at the images' own grid (timm's order)."""
     pe = enc.patch_embed
-    x = pe.proj(images)  # PatchEmbed's forward checks the native size; its parts do not
-    grid = (int(x.shape[-2]), int(x.shape[-1]))
-    x = pe.norm(x.flatten(2).transpose(1, 2))
+    # The patch embedding's own forward (CRATE's is not a convolution), with its check for the
+    # native size switched off for this call: the caller has checked divisibility.
+    strict = getattr(pe, "strict_img_size", None)
+    if strict:
+        pe.strict_img_size = False
+    try:
+        x = pe(images)
+    finally:
+        if strict:
+            pe.strict_img_size = strict
+    if x.ndim == 4:  # a grid: NHWC (timm's dynamic_img_size) or NCHW
+        fmt = getattr(pe, "output_fmt", "NHWC")
+        if getattr(fmt, "value", fmt) == "NCHW":
+            x = x.permute(0, 2, 3, 1)
+        grid = (int(x.shape[1]), int(x.shape[2]))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+    else:
+        ph, pw = (int(s) for s in pe.patch_size)
+        grid = (images.shape[-2] // ph, images.shape[-1] // pw)
     to_cat = [t.expand(x.shape[0], -1, -1) for t in (getattr(enc, "cls_token", None), getattr(enc, "reg_token", None))
               if t is not None]
     pos = _pos_embed_for(enc, grid)
@@ -273,6 +289,7 @@ def _attention_parts(attn: nn.Module, z: torch.Tensor, with_attention: bool):
     return w.float(), probs
 
 
+@torch.no_grad()
 def sparse_code(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The sparse code a CRATE-α ODL (z2) or CRATE ISTA (z) block computes from its input x.
 
@@ -380,6 +397,7 @@ def _query_rows(tr: Trace, probs: torch.Tensor) -> torch.Tensor:
     return rows.reshape(*rows.shape[:2], *tr.grid)
 
 
+@torch.no_grad()
 def attention(model, images: torch.Tensor) -> torch.Tensor:
     """Class-token attention over the patch grid: (B, layers, heads, gh, gw).
 
@@ -408,6 +426,7 @@ def _keep_mass(weights: torch.Tensor, keep: float) -> torch.Tensor:
     return torch.zeros_like(chosen).scatter(-1, idx, chosen)
 
 
+@torch.no_grad()
 def coarse_segmentation(model, images: torch.Tensor, keep: float = 0.6, layer: int = -1,
                         merge: str = "majority") -> torch.Tensor:
     """Foreground from class-token attention (DINO's rule): (B, H, W) bool.
@@ -445,6 +464,7 @@ def _border(grid: Tuple[int, int]) -> torch.Tensor:
     return b
 
 
+@torch.no_grad()
 def pca_features(model, images: torch.Tensor) -> Dict[str, torch.Tensor]:
     """First three principal components of the last block's patch tokens, as colours.
 
@@ -593,6 +613,7 @@ def maskcut_from_features(feats, grid: Tuple[int, int], num_masks: int = 3, tau:
     return torch.from_numpy(masks)
 
 
+@torch.no_grad()
 def maskcut(model, images: torch.Tensor, num_masks: int = 3, tau: float = 0.15) -> torch.Tensor:
     """MaskCut (CutLER) on the last block's subspace features: (B, num_masks, H, W) bool.
 
@@ -611,6 +632,7 @@ def maskcut(model, images: torch.Tensor, num_masks: int = 3, tau: float = 0.15) 
 # Per-layer diagnostics
 # --------------------------------------------------------------------------------------
 
+@torch.no_grad()
 def coding_rate(features: torch.Tensor, eps: float = CODING_RATE_EPS) -> torch.Tensor:
     """Σ_k R(W_k) per image from per-head features (B, heads, N, p): (B,) float64.
 
@@ -626,11 +648,13 @@ def coding_rate(features: torch.Tensor, eps: float = CODING_RATE_EPS) -> torch.T
     return 0.5 * torch.linalg.slogdet(eye + (p / (N * eps)) * gram).logabsdet.sum(dim=1)
 
 
+@torch.no_grad()
 def code_sparsity(code: torch.Tensor) -> torch.Tensor:
     """Share of exact zeros per image in a (B, N, K) code: (B,)."""
     return (code == 0).flatten(1).double().mean(dim=1)
 
 
+@torch.no_grad()
 def dictionary_error(mlp: nn.Module, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """‖decode(code) − x‖_F / ‖x‖_F per image: (B,).
 
@@ -649,6 +673,7 @@ def dictionary_error(mlp: nn.Module, x: torch.Tensor, code: torch.Tensor) -> tor
     return err.flatten(1).norm(dim=1) / x.double().flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
+@torch.no_grad()
 def layer_diagnostics(model, images: torch.Tensor) -> List[dict]:
     """Per block: ``layer`` (1-based), ``coding_rate``, ``sparsity``, ``recon_error``, averaged over images.
 
@@ -664,11 +689,10 @@ def layer_diagnostics(model, images: torch.Tensor) -> List[dict]:
     tr = trace(enc, images, with_attention=False)
     rows = []
     for i, (blk, rec) in enumerate(zip(enc.blocks, tr.blocks)):
-        with torch.no_grad():
-            rate = coding_rate(rec.features).mean().item()
-            sparsity = None if rec.code is None else code_sparsity(rec.code).mean().item()
-            recon = None
-            if rec.kind != "mlp":
-                recon = dictionary_error(blk.mlp, rec.mlp_in.to(next(blk.mlp.parameters())), rec.code).mean().item()
+        rate = coding_rate(rec.features).mean().item()
+        sparsity = None if rec.code is None else code_sparsity(rec.code).mean().item()
+        recon = None
+        if rec.kind != "mlp":
+            recon = dictionary_error(blk.mlp, rec.mlp_in.to(next(blk.mlp.parameters())), rec.code).mean().item()
         rows.append({"layer": i + 1, "coding_rate": rate, "sparsity": sparsity, "recon_error": recon})
     return rows
