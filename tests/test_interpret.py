@@ -251,11 +251,11 @@ def test_crate_ista_blocks_by_duck_typing(tiny):
 def test_the_crate_module(size):
     """The original CRATE (crate_alpha.crate): its non-convolutional patch embedding, ISTA blocks, any size."""
     crate = pytest.importorskip("crate_alpha.crate")
-    model = timm.create_model("crate_demo_patch8_64").eval()
+    model = timm.create_model("crate_demo_patch8_64", depth=2).eval()
     assert isinstance(model, crate.Crate)
     x = _images(2, size)
     tr = interpret.trace(model, x)
-    dyn = timm.create_model("crate_demo_patch8_64", dynamic_img_size=True).eval()
+    dyn = timm.create_model("crate_demo_patch8_64", depth=2, dynamic_img_size=True).eval()
     dyn.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(tr.output, dyn.forward_features(x), rtol=0, atol=1e-5)
@@ -444,3 +444,15 @@ def test_official_fixture_diagnostics(fixtures, tmp_path):
         assert math.isfinite(r["coding_rate"]) and r["coding_rate"] > 0
         assert 0 < r["sparsity"] <= 1
         assert math.isfinite(r["recon_error"]) and r["recon_error"] > 0
+
+
+def test_open_clip_folder_resolves_to_its_trunk(fixtures, tmp_path):
+    d = fixtures / "official_torch"
+    out = tmp_path / "clip"
+    convert_official_torch(d / "crate_alpha_clipa_shared.pth", out, heads=4, text_heads=2)
+    sd = torch.load(d / "crate_alpha_clipa_shared.pth", weights_only=True)
+    for spec in (f"local-dir:{out}", str(out), out):
+        enc = interpret.encoder(spec)
+        assert type(enc).__name__ == "CrateAlpha" and not enc.training
+        assert torch.equal(enc.patch_embed.proj.weight, sd["visual.conv1.weight"])  # the folder's weights
+    assert interpret.attention(enc, _images(1, 32)).shape == (1, 2, 4, 4, 4)

@@ -144,7 +144,8 @@ class BlockTrace:
     attn: (B, heads, N, N) attention probabilities, or None when not requested.
     attn_out: (B, N, d) the attention branch's output (before layer scale and residual).
     mlp_in: (B, N, d) the tokens entering the MLP / ODL / ISTA (norm2 of the mid stream).
-    code: (B, N, K) ODL's z2, ISTA's z, or a ViT MLP's hidden activations.
+    code: (B, N, K) ODL's z2, ISTA's z, or a ViT MLP's hidden activations; None when not
+        requested (or a ViT MLP without an ``act`` module).
     kind: "odl", "ista" or "mlp".
     out: (B, N, d) the block's output tokens.
     """
@@ -320,13 +321,16 @@ def _hook(store: dict, key: str):
     return grab
 
 
-def _record(blk: nn.Module, x: torch.Tensor, out: torch.Tensor, got: dict, with_attention: bool) -> BlockTrace:
+def _record(blk: nn.Module, x: torch.Tensor, out: torch.Tensor, got: dict, with_attention: bool,
+            with_code: bool) -> BlockTrace:
     for key in ("attn_in", "mlp_in"):
         if key not in got:
             raise ValueError(f"{type(blk).__name__} did not call its {key[:-3]} in forward")
     features, probs = _attention_parts(blk.attn, got["attn_in"], with_attention)
     kind = _mlp_kind(blk.mlp)
-    if kind == "odl":
+    if not with_code:
+        code = None
+    elif kind == "odl":
         code = sparse_code(blk.mlp, got["mlp_in"])
     elif kind == "ista":
         code = got["mlp_out"]  # ISTA's output is its sparse code z
@@ -346,7 +350,8 @@ def _layer_index(layer: int, depth: int) -> int:
 
 
 @torch.no_grad()
-def trace(model, images: torch.Tensor, layers: Optional[Sequence[int]] = None, with_attention: bool = True) -> Trace:
+def trace(model, images: torch.Tensor, layers: Optional[Sequence[int]] = None, with_attention: bool = True,
+          with_code: bool = True) -> Trace:
     """Walk the encoder block by block and record what each block saw (see :class:`BlockTrace`).
 
     Works at any image size whose sides are multiples of the patch size: the position
@@ -354,7 +359,8 @@ def trace(model, images: torch.Tensor, layers: Optional[Sequence[int]] = None, w
     CRATE-α sin-cos embedding is regenerated instead). At the native size the last
     output equals ``model.forward_features(images)``. ``layers`` (0-based, negatives
     count from the end) limits which blocks are recorded; ``with_attention=False`` skips
-    the (B, heads, N, N) attention matrices. Runs in eval mode, without autocast.
+    the (B, heads, N, N) attention matrices and ``with_code=False`` the sparse codes. Runs
+    in eval mode, without autocast.
     """
     enc = encoder(model)
     param = next(enc.parameters())
@@ -373,14 +379,14 @@ def trace(model, images: torch.Tensor, layers: Optional[Sequence[int]] = None, w
             got: dict = {}
             handles = [blk.attn.register_forward_hook(_hook(got, "attn"), with_kwargs=True),
                        blk.mlp.register_forward_hook(_hook(got, "mlp"), with_kwargs=True)]
-            if _mlp_kind(blk.mlp) == "mlp" and isinstance(getattr(blk.mlp, "act", None), nn.Module):
+            if with_code and _mlp_kind(blk.mlp) == "mlp" and isinstance(getattr(blk.mlp, "act", None), nn.Module):
                 handles.append(blk.mlp.act.register_forward_hook(_hook(got, "act"), with_kwargs=True))
             try:
                 out = blk(x)
             finally:
                 for h in handles:
                     h.remove()
-            records.append(_record(blk, x, out, got, with_attention))
+            records.append(_record(blk, x, out, got, with_attention, with_code))
             x = out
         output = getattr(enc, "norm", nn.Identity())(x).float()
     return Trace(blocks=records, output=output, grid=grid, num_prefix_tokens=n_prefix, class_token=has_cls)
@@ -406,7 +412,7 @@ def attention(model, images: torch.Tensor) -> torch.Tensor:
     prefix tokens are left out, so a row sums to at most 1). For an encoder without a
     class token, the row is the mean over all query tokens instead.
     """
-    tr = trace(model, images)
+    tr = trace(model, images, with_code=False)
     return torch.stack([_query_rows(tr, b.attn) for b in tr.blocks], dim=1).cpu()
 
 
@@ -445,7 +451,7 @@ def coarse_segmentation(model, images: torch.Tensor, keep: float = 0.6, layer: i
         raise ValueError(f"merge must be 'majority' or 'union', got {merge!r}")
     enc = encoder(model)
     index = _layer_index(layer, len(enc.blocks))
-    tr = trace(enc, images, layers=[index])
+    tr = trace(enc, images, layers=[index], with_code=False)
     rows = _query_rows(tr, tr.blocks[index].attn)                  # (B, heads, gh, gw)
     B, heads = rows.shape[:2]
     kept = _keep_mass(rows.reshape(B, heads, -1), keep).reshape(rows.shape)
@@ -481,7 +487,7 @@ def pca_features(model, images: torch.Tensor) -> Dict[str, torch.Tensor]:
     2 and 3 so that their largest loading is positive, which makes the colours
     deterministic.
     """
-    tr = trace(model, images, layers=[-1], with_attention=False)
+    tr = trace(model, images, layers=[-1], with_attention=False, with_code=False)
     feats = tr.patches(tr.blocks[-1].out).double()          # (B, P, d)
     B, P, d = feats.shape
     flat = feats.reshape(B * P, d)
@@ -621,7 +627,7 @@ def maskcut(model, images: torch.Tensor, num_masks: int = 3, tau: float = 0.15) 
     concatenated; the keys for a ViT) at the patch tokens. Masks are cut on the patch
     grid (:func:`maskcut_from_features`) and upsampled (nearest) to the image size.
     """
-    tr = trace(model, images, layers=[-1], with_attention=False)
+    tr = trace(model, images, layers=[-1], with_attention=False, with_code=False)
     w = tr.blocks[-1].features                              # (B, heads, N, p)
     feats = tr.patches(w.transpose(1, 2).flatten(2))        # (B, P, heads * p)
     masks = torch.stack([maskcut_from_features(f, tr.grid, num_masks, tau) for f in feats])
