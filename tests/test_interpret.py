@@ -306,6 +306,18 @@ def test_trace_at_another_size_matches_timm_dynamic_size(tiny):
         interpret.trace(tiny, _images(1, 36))
 
 
+def test_sincos_position_embedding_is_regenerated_at_another_size():
+    model = timm.create_model(TINY, pos_embed="sincos").eval()
+    x = _images(1, 48)
+    tr = interpret.trace(model, x)
+    big = timm.create_model(TINY, pos_embed="sincos").eval()
+    big.load_state_dict(model.state_dict())
+    big.set_input_size(img_size=48)  # CrateAlpha regenerates sin-cos at the new grid
+    with torch.no_grad():
+        torch.testing.assert_close(tr.output, big.forward_features(x), rtol=0, atol=1e-5)
+    assert model.patch_embed.grid_size == (4, 4)  # the traced model is left as it was
+
+
 def test_trace_records_only_the_asked_layers(tiny):
     tr = interpret.trace(tiny, _images(1), layers=[-1], with_attention=False)
     assert tr.blocks[0] is None and tr.blocks[1].attn is None and tr.blocks[1].code is not None
