@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "clip-benchmark==1.6.2",
     "img2dataset==1.47.0",
     "scikit-learn",
+    "scipy",  # crate_alpha.interpret: the generalised eigensolver and connected components of MaskCut
     "pandas",
     "pyarrow",
     "pillow",

@@ -82,13 +82,21 @@ def _pictures(out: Path, tags) -> None:
     imgs = []
     with tarfile.open(out / "data" / "wds" / "test" / "0.tar") as tar:
         for m in tar:
-            if m.name.endswith(".jpg") and len(imgs) < 6:
+            if m.name.endswith(".jpg") and len(imgs) < 64:
                 imgs.append(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
     x = torch.stack([pp(im) for im in imgs])
     import torchvision.transforms.functional as TF
 
-    shown = torch.stack([TF.to_tensor(im.resize(tuple(x.shape[-2:]))) for im in imgs])
-    print(f"attention maps: {plot_attention(model.visual.trunk, x, shown, out / 'attention.png')}")
+    shown = torch.stack([TF.to_tensor(im.resize(tuple(x.shape[-2:]))) for im in imgs[:6]])
+    print(f"attention maps: {plot_attention(model.visual.trunk, x[:6], shown, out / 'attention.png')}")
+    # the white-box measures of the trained image tower, layer by layer, on 64 held-out digits
+    from .interpret import layer_diagnostics
+    from .whitebox import _write_json, plot_diagnostics
+
+    layers = layer_diagnostics(model.visual.trunk, x)
+    _write_json({"model": MODELS["crate-alpha"], "images": len(imgs), "layers": layers}, out / "diagnostics.json")
+    png = plot_diagnostics(layers, out / "diagnostics.png", title="crate-alpha-demo CLIP image tower, held-out digits")
+    print(f"layer diagnostics: {png}")
 
 
 def table(rows) -> str:
