@@ -93,11 +93,12 @@ def test_zeroshot_retrieval_through_clip_benchmark(demo_data, tmp_path):
 def test_attention_maps_and_curves(tmp_path):
     import open_clip
 
-    from crate_alpha.visualize import mssa_attention, open_clip_losses, plot_attention, plot_curves
+    from crate_alpha.interpret import attention
+    from crate_alpha.visualize import open_clip_losses, plot_attention, plot_curves
 
     trunk = open_clip.create_model("crate-alpha-demo").visual.trunk
     x = torch.randn(2, 3, 64, 64)
-    maps = mssa_attention(trunk, x)
+    maps = attention(trunk, x)
     assert maps.shape == (2, 4, 4, 8, 8)
     assert torch.isfinite(maps).all()
     assert (maps.sum((-1, -2)) <= 1 + 1e-5).all()  # a softmax row, minus the class token's own share

@@ -22,7 +22,8 @@ def open_clip_losses(log_path: os.PathLike) -> List[tuple]:
     return points
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` whole or not at all (temporary file, then rename)."""
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +31,7 @@ def _save(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+    return path
 
 
 def plot_curves(curves: Dict[str, List[tuple]], path: os.PathLike, ylabel: str = "contrastive loss") -> Path:
@@ -46,30 +48,8 @@ def plot_curves(curves: Dict[str, List[tuple]], path: os.PathLike, ylabel: str =
     ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, Path(path))
     return Path(path)
-
-
-@torch.no_grad()
-def mssa_attention(trunk, images: torch.Tensor) -> torch.Tensor:
-    """Class-token attention over the patch grid, per layer and head: (B, layers, heads, H, W)."""
-    maps = []
-
-    def grab(module, inputs, output):
-        x = inputs[0]
-        B, N, C = x.shape
-        w = module.qkv(x).view(B, N, module.num_heads, module.head_dim).transpose(1, 2)
-        attn = torch.softmax(w @ w.transpose(-1, -2) * module.head_dim ** -0.5, dim=-1)
-        maps.append(attn[:, :, 0, trunk.num_prefix_tokens:])
-
-    hooks = [blk.attn.register_forward_hook(grab) for blk in trunk.blocks]
-    try:
-        trunk.eval()(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    gh, gw = trunk.patch_embed.grid_size
-    return torch.stack(maps, 1).reshape(images.shape[0], len(maps), -1, gh, gw)
 
 
 def plot_attention(trunk, images: torch.Tensor, shown: torch.Tensor, path: os.PathLike) -> Path:
@@ -79,7 +59,9 @@ def plot_attention(trunk, images: torch.Tensor, shown: torch.Tensor, path: os.Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    maps = mssa_attention(trunk, images).mean(2)  # average heads
+    from .interpret import attention
+
+    maps = attention(trunk, images).mean(2)  # average heads
     b, layers = maps.shape[:2]
     fig, axes = plt.subplots(b, layers + 1, figsize=(1.6 * (layers + 1), 1.6 * b), squeeze=False)
     for i in range(b):
@@ -91,5 +73,5 @@ def plot_attention(trunk, images: torch.Tensor, shown: torch.Tensor, path: os.Pa
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, Path(path))
     return Path(path)

@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
+from .visualize import save_png
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -109,17 +111,6 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _save_png(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def _write_json(obj, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -183,7 +174,7 @@ def explain(images: Sequence[os.PathLike], model, out_dir: os.PathLike, num_mask
             fig.tight_layout()
             stem = Path(name.split(":")[-1]).stem
             path = out / f"{len(written):03d}_{stem}.png"
-            written.append(_save_png(fig, path))
+            written.append(save_png(fig, path))
             summary.append({"image": name, "png": str(path),
                             "mask_fraction": [float(m.float().mean()) for m in masks[i]]})
     _write_json(summary, out / "explain.json")
@@ -243,4 +234,4 @@ def plot_diagnostics(layers: List[dict], path: os.PathLike, title: str = "") -> 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))
