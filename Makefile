@@ -3,14 +3,27 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench model-table clean
+.PHONY: venv venv-xla test test-xla lint bench model-table clean
 
-# The environment is (re)built whenever setup.py changes; every install step lives here.
-$(STAMP): setup.py
+# The environment is (re)built whenever setup.py or its constraint file changes; every
+# install step lives here. Exact versions: constraints/main.txt (setup.py states ranges).
+$(STAMP): setup.py constraints/main.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install --no-compile -e ".[dev]"
+	$(PY) -m pip install --no-compile -c constraints/main.txt -e ".[dev]"
 	touch $(STAMP)
+
+# The XLA environment: torch 2.9.0 + torch_xla 2.9.0 (constraints/xla.txt), tests on XLA:CPU.
+XLA_VENV := .venv-xla
+XLA_PY := $(XLA_VENV)/bin/python
+XLA_STAMP := $(XLA_VENV)/.installed
+$(XLA_STAMP): setup.py constraints/xla.txt
+	test -x $(XLA_PY) || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_PY) -m pip install --upgrade pip
+	$(XLA_PY) -m pip install --no-compile -c constraints/xla.txt -e ".[dev,tpu]"
+	touch $(XLA_STAMP)
+
+venv-xla: $(XLA_STAMP)
 
 venv: $(STAMP)
 
@@ -18,7 +31,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests data_pipeline zeroshot
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/xla
+
+# XLA:CPU (PJRT_DEVICE=CPU): the library on torch 2.9 and both trainers on an XLA device
+test-xla: $(XLA_STAMP)
+	PJRT_DEVICE=CPU $(XLA_PY) -m pytest -q tests/xla
 
 bench: $(STAMP)
 	$(PY) -m crate_alpha.bench
@@ -28,7 +45,7 @@ model-table: $(STAMP)
 	$(PY) -m crate_alpha.model_table
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(XLA_VENV) runs
 
 # ---- data pipeline ------------------------------------------------------------------
 DATA_OUT ?= runs/demo/data

@@ -1,19 +1,21 @@
 """crate-alpha: CRATE-α white-box vision transformers on timm and open_clip."""
 from setuptools import find_packages, setup
 
-# Versions pinned to what is known to work together (see DEVELOPERS.md facts):
-# open_clip_train's webdataset loader breaks on webdataset 0.2.111, and
-# clip-benchmark 1.6.2 breaks on numpy 2.4.
+# Ranges that both tested environments satisfy: the main one (torch 2.14.1) and the XLA one
+# (torch 2.9.0, the newest torch_xla's torch). The exact versions of each live in
+# constraints/{main,xla}.txt, which `make` installs with. Known breakages set the upper
+# bounds: open_clip_train's webdataset loader breaks on webdataset 0.2.111, and
+# clip-benchmark 1.6.2 on numpy 2.4.
 INSTALL_REQUIRES = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
-    "timm==1.0.31",
-    "open_clip_torch==3.3.0",
+    "torch>=2.9,<2.15",
+    "torchvision>=0.24,<0.30",
+    "timm>=1.0.20,<1.1",
+    "open_clip_torch>=3.3,<4",
     "safetensors>=0.4",
     "numpy<2.4",
-    "webdataset==0.2.86",
-    "clip-benchmark==1.6.2",
-    "img2dataset==1.47.0",
+    "webdataset>=0.2.86,<0.2.111",
+    "clip-benchmark>=1.6.2,<1.7",
+    "img2dataset>=1.47,<2",
     "scikit-learn",
     "scipy",  # crate_alpha.interpret: the generalised eigensolver and connected components of MaskCut
     "pandas",
@@ -37,7 +39,9 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "tpu": ["torch_xla==2.14.*"],
+        # torch_xla 2.9.0 (the newest release) runs only on torch 2.9.0 and its torchvision;
+        # its own "tpu" extra brings libtpu. On XLA:CPU (tests) libtpu is present but unused.
+        "tpu": ["torch==2.9.0", "torchvision==0.24.0", "torch_xla[tpu]==2.9.0"],
         "dev": ["pytest", "ruff"],
     },
     entry_points={"console_scripts": ["crate-alpha=crate_alpha.cli:main"]},
