@@ -117,8 +117,13 @@ def prepare_init(cfg: dict, run_dir: Path) -> str:
     return str(path)
 
 
+def device_of(cfg: dict) -> str:
+    return cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def open_clip_args(cfg: dict, sched: dict, n_samples: int, init: str | None) -> List[str]:
-    cuda = torch.cuda.is_available()
+    dev = device_of(cfg)
+    backend = {"cuda": "nccl", "xla": "xla"}.get(dev, "gloo")
     a = [
         "--model", cfg["model"],
         "--train-data", str(cfg["train_data"]),
@@ -147,9 +152,12 @@ def open_clip_args(cfg: dict, sched: dict, n_samples: int, init: str | None) -> 
         "--log-every-n-steps", str(cfg["log_every_n_steps"]),
         "--force-image-size", str(cfg["image_size"]),
         "--report-to", cfg["report_to"] or "",
-        "--device", "cuda" if cuda else "cpu",
-        "--dist-backend", cfg["dist_backend"] or ("nccl" if cuda else "gloo"),
+        "--device", dev,
+        "--dist-backend", cfg["dist_backend"] or backend,
     ]
+    if dev == "xla":
+        # each launcher process sees its one device as xla:0, so no per-rank device index
+        a += ["--dist-url", "xla://", "--no-set-device-rank"]
     if cfg["context_length"]:
         a += ["--force-context-length", str(cfg["context_length"])]
     if init:
@@ -162,14 +170,32 @@ def open_clip_args(cfg: dict, sched: dict, n_samples: int, init: str | None) -> 
     return a
 
 
+def _world_size(cfg: dict) -> int:
+    if device_of(cfg) == "xla":
+        if cfg["fsdp"]:
+            return 1  # SPMD: one process drives every device; the batch is sharded, not split
+        from . import xla
+
+        return xla.launcher_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict:
     cfg = load_recipe(recipe, overrides)
+    if device_of(cfg) == "xla":
+        from . import xla
+
+        try:
+            xla.require()
+            xla.launcher_world_size()
+        except xla.XlaUnavailable as e:
+            raise RecipeError(str(e)) from None
     if cfg["lock_text"] and not cfg["text_init"] and not cfg["init_from"]:
         raise RecipeError("lock_text=True would freeze a randomly initialised text tower: set text_init=CHECKPOINT "
                           "(an open_clip checkpoint with a pre-trained text encoder) or lock_text=False")
     urls = check_data(cfg["train_data"])
     n = int(cfg["train_num_samples"] or count_samples(urls))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size(cfg)
     sched = schedule(cfg, world, n)
     run_dir = Path(cfg["output"]) / cfg["name"]
     resuming = (run_dir / "checkpoints" / "epoch_latest.pt").exists()
@@ -199,6 +225,26 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
             stale.unlink()
         (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
 
+    t0 = time.time()
+    if device_of(cfg) == "xla":
+        from . import xla
+
+        job = (args, cfg["fast_decode"], cfg["fsdp"], str(run_dir), sched["epochs"], n, t0)
+        if cfg["fsdp"]:
+            _xla_process(0, *job)  # SPMD is one process; torch_xla's launcher does not support it
+        else:
+            xla.launch(_xla_process, args=job)
+        info["seconds"] = time.time() - t0
+        return info
+    counter = _open_clip_train(args, cfg["fast_decode"])
+    info["seconds"] = time.time() - t0
+    info["skipped_damaged"] = counter.count
+    if int(os.environ.get("RANK", "0")) == 0:
+        _summary(run_dir, t0, counter.count, sched["epochs"], n)
+    return info
+
+
+def _open_clip_train(args: List[str], fast_decode: bool, xla_options=None):
     import open_clip_train.main as ocm
 
     import crate_alpha  # noqa: F401  (registers the models in this process)
@@ -206,8 +252,7 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
     from .hooks import SharedSkipCounter, install
 
     counter = SharedSkipCounter()
-    install(counter, fast_decode=cfg["fast_decode"])
-    t0 = time.time()
+    install(counter, fast_decode=fast_decode, xla=xla_options)
     root = logging.getLogger()
     before = list(root.handlers)
     try:
@@ -222,16 +267,36 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if rc not in (None, 0):
         raise RuntimeError(f"open_clip_train exited with {rc}")
-    info["seconds"] = time.time() - t0
-    info["skipped_damaged"] = counter.count
-    if int(os.environ.get("RANK", "0")) == 0:
-        (run_dir / "train_summary.json").write_text(json.dumps(
-            {"seconds": info["seconds"], "skipped_damaged": counter.count, "epochs": sched["epochs"],
-             "samples_seen": sched["epochs"] * n, "checkpoint": str(run_dir / "checkpoints" / "epoch_latest.pt")},
-            indent=2))
     if counter.count:
         logging.warning("skipped %d damaged samples or shards", counter.count)
-    return info
+    return counter
+
+
+def _summary(run_dir: Path, t0: float, skipped: int, epochs: int, n: int) -> None:
+    (run_dir / "train_summary.json").write_text(json.dumps(
+        {"seconds": time.time() - t0, "skipped_damaged": skipped, "epochs": epochs, "samples_seen": epochs * n,
+         "checkpoint": str(run_dir / "checkpoints" / "epoch_latest.pt")}, indent=2))
+
+
+def _xla_process(index: int, args: List[str], fast_decode: bool, fsdp: bool, run_dir: str, epochs: int, n: int,
+                 t0: float) -> None:
+    """One launcher process: open_clip_train on this process's XLA device."""
+    from . import xla
+    from .hooks import XlaOptions
+
+    if not fsdp:
+        rank, local, world = xla.ordinals()
+        if world > 1:  # open_clip_train reads the torchrun variables; the XLA process group does the rest
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the 'xla' backend)
+
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE=str(world))
+    rank = int(os.environ.get("RANK", "0"))
+    metrics = str(Path(run_dir) / "xla_metrics.json") if rank == 0 else None
+    options = XlaOptions(metrics_path=metrics, fsdp=fsdp)
+    counter = _open_clip_train(args, fast_decode, options)
+    if rank == 0:
+        options.metrics.write()
+        _summary(Path(run_dir), t0, counter.count, epochs, n)
 
 
 def main(argv=None) -> int:

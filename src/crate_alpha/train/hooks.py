@@ -13,7 +13,10 @@ attribute of ``open_clip_train.main`` / ``open_clip_train.data`` (never a file):
 * fused AdamW: one fused kernel per step instead of a Python loop over parameter
   tensors (on the 2-core demo, 0.23 -> 0.19 s per step);
 * reduced-size JPEG decode: images stay encoded through webdataset's decode stage and the
-  training transform decodes them with ``crate_alpha.data.decode`` (draft mode).
+  training transform decodes them with ``crate_alpha.data.decode`` (draft mode);
+* XLA devices (``install(..., xla=XlaOptions(...))``, see ``xla.py``): DDP without
+  ``device_ids``, a step boundary after each optimizer step, batches moved to the device
+  by torch_xla's loader, optional FSDP sharding, checkpoints copied to the CPU.
 """
 from __future__ import annotations
 
@@ -22,13 +25,20 @@ import logging
 import multiprocessing
 import os
 import types
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from . import xla as _xla
 
 _log = logging.getLogger(__name__)
 
 
 def atomic_save(obj, f, *args, **kwargs):
+    if _xla.has_xla_tensors(obj):
+        # the same file a CPU/GPU run writes (XLA tensors would need torch_xla to load)
+        obj = _xla.to_cpu(obj)
     if isinstance(f, (str, os.PathLike)):
         f = os.fspath(f)
         tmp = f"{f}.partial-{os.getpid()}"
@@ -57,7 +67,8 @@ class _Proxy(types.ModuleType):
 
 def cpu_safe_ddp(module, device_ids=None, **kwargs):
     # open_clip_train passes device_ids=[device] even for CPU processes, which DDP refuses
-    if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+    # (and XLA processes, where torch_xla's process group wants none either)
+    if device_ids and all(torch.device(d).type in ("cpu", "xla") for d in device_ids):
         device_ids = None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
 
@@ -99,7 +110,29 @@ class BytesOrImage:
         return f"BytesOrImage(bytes={self.on_bytes!r})"
 
 
-def install(counter: SharedSkipCounter, fast_decode: bool) -> None:
+@dataclass
+class XlaOptions:
+    """How open_clip_train runs on an XLA device (see ``xla.py``)."""
+
+    metrics_path: Optional[str] = None   # xla_metrics.json (compile count per step)
+    fsdp: bool = False                   # SPMD FSDP over all devices of this process
+    metrics: Optional[object] = None     # set by install(): the StepMetrics it records into
+
+
+def _synced(optimizer_cls, metrics):
+    class Synced(optimizer_cls):
+        # the step boundary of XLA's lazy tensors: the whole training step is one graph
+        def step(self, closure=None):
+            out = super().step(closure)
+            _xla.sync()
+            metrics.step()
+            return out
+
+    Synced.__name__ = optimizer_cls.__name__
+    return Synced
+
+
+def install(counter: SharedSkipCounter, fast_decode: bool, xla: Optional[XlaOptions] = None) -> None:
     import open_clip_train.data as data
     import open_clip_train.main as main
 
@@ -108,6 +141,9 @@ def install(counter: SharedSkipCounter, fast_decode: bool) -> None:
         return
     main._crate_alpha_hooks = counter
     main.torch = _torch_for_open_clip_train()
+    metrics = _xla.StepMetrics(xla.metrics_path) if xla is not None else None
+    if xla is not None:
+        xla.metrics = metrics
 
     class _Optim(types.ModuleType):
         def __getattr__(self, name):
@@ -119,9 +155,13 @@ def install(counter: SharedSkipCounter, fast_decode: bool) -> None:
             tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
             if all(p.device.type in ("cpu", "cuda") for p in tensors):
                 kwargs.setdefault("fused", True)
+            if metrics is not None:
+                return _synced(torch.optim.AdamW, metrics)(params, **kwargs)
             return torch.optim.AdamW(params, **kwargs)
 
     main.optim = _Optim("torch.optim")
+    if xla is not None:
+        _install_xla(main, xla, metrics)
 
     data.log_and_continue = counter
     data.tarfile_to_samples_nothrow.__defaults__ = (counter,)
@@ -167,3 +207,27 @@ def install(counter: SharedSkipCounter, fast_decode: bool) -> None:
                 BytesOrImage(lambda b: pp_val(pil(b)), pp_val))
 
     main.create_model_and_transforms = create_with_fast_decode
+
+
+def _install_xla(main, options: XlaOptions, metrics) -> None:
+    mesh = _xla.use_spmd() if options.fsdp else None
+    get_data = main.get_data
+
+    def get_data_on_device(*args, **kwargs):
+        data = get_data(*args, **kwargs)
+        for info in data.values():
+            info.dataloader = _xla.DeviceLoader(info.dataloader, mesh=mesh)
+        return data
+
+    main.get_data = get_data_on_device
+    if mesh is None:
+        return
+    create = main.create_model_and_transforms
+
+    def create_sharded(*args, **kwargs):
+        model, pp_train, pp_val = create(*args, **kwargs)
+        n = _xla.shard_module(model, mesh)
+        _log.info("FSDP: %d weight matrices sharded over %d devices", n, mesh.size())
+        return model, pp_train, pp_val
+
+    main.create_model_and_transforms = create_sharded

@@ -46,7 +46,9 @@ DEFAULTS: Dict[str, Any] = {
     # distributed (open_clip_train's options)
     "local_loss": False,
     "gather_with_grad": False,
-    "dist_backend": None,               # None: nccl on GPUs, gloo on CPU
+    "dist_backend": None,               # None: nccl on GPUs, gloo on CPU, xla on XLA
+    "device": None,                     # None: cuda when available, else cpu; 'xla': TPU (or XLA:CPU)
+    "fsdp": False,                      # on XLA: shard weights and batch over all devices (SPMD FSDP)
     # bookkeeping
     "output": "runs/train",
     "name": None,                       # run folder name under output; None: the recipe's file name
@@ -103,6 +105,10 @@ def load_recipe(path: Optional[str], overrides: Iterable[str] = (),
         _check_keys([key], "the command line", defaults)
         cfg[key] = parse_value(raw)
     cfg["name"] = cfg["name"] or "run"
+    if cfg.get("device") not in (None, "cpu", "cuda", "xla"):
+        raise RecipeError(f"device must be cpu, cuda or xla (or None: cuda when available), got {cfg['device']!r}")
+    if cfg.get("fsdp") and cfg.get("device") != "xla":
+        raise RecipeError("fsdp=True is the SPMD sharding of XLA devices: set device=xla as well")
     if cfg.get("pos_embed_init", "resample") not in ("resample", "sincos"):
         raise RecipeError(f"pos_embed_init must be 'resample' or 'sincos', got {cfg['pos_embed_init']!r}")
     return cfg
