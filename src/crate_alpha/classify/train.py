@@ -3,17 +3,23 @@ and label-smoothing losses, optimizer factory, cosine scheduler, model EMA) arou
 loop, with DDP through torchrun and bf16 autocast.
 
 The loop itself is written here because timm ships its training loop only as a script
-(train.py), not as a library function.
+(train.py), not as a library function. ``device=xla`` runs the same loop on TPUs (or
+XLA:CPU) through ``crate_alpha.train.xla``: one process per device from torch_xla's
+launcher, batches moved by its device loader, Mixup/CutMix on the host (a CutMix box of
+random size on the device would give every step a new graph), a step boundary after
+each optimizer step, and ``fsdp=True`` for SPMD sharding over all devices.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Dict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -24,6 +30,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 from tqdm import tqdm
 
+from ..train import xla as xla_rt
 from ..train.hooks import atomic_save
 from ..train.recipe import RecipeError, check_resume_compatible, load_recipe
 from .data import check_path, eval_transform, make_loader, num_classes_of, train_transform
@@ -73,15 +80,27 @@ DEFAULTS: Dict[str, Any] = {
     "output": "runs/cls",
     "name": None,
     "seed": 0,
-    "log_every_n_steps": 50,
+    "log_every_n_steps": 50,        # also the interval of train_log.jsonl (loss and lr per step)
+    # hardware
+    "device": None,                 # None: cuda when available, else cpu; 'xla': TPU (or XLA:CPU)
+    "fsdp": False,                  # on XLA: shard weights and batch over all devices (SPMD FSDP)
 }
 
 
-def _dist():
+def _dist(cfg: dict):
+    if cfg.get("device") == "xla":
+        if cfg["fsdp"]:
+            return 0, 1, xla_rt.device()
+        rank, _, world = xla_rt.ordinals()
+        if world > 1 and not dist.is_initialized():
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the 'xla' backend)
+
+            dist.init_process_group("xla", init_method="xla://")
+        return rank, world, xla_rt.device()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and cfg.get("device") != "cpu"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
@@ -146,8 +165,40 @@ def _plot(history, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class _HostMixup:
+    """Mixup/CutMix applied to CPU batches, before they cross to an XLA device."""
+
+    def __init__(self, loader, mixup):
+        self.loader, self.mixup = loader, mixup
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield self.mixup(x, torch.as_tensor(y))
+
+    def __len__(self):
+        return len(self.loader)
+
+
 def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
     cfg = cfg or load_recipe(recipe, overrides, defaults=DEFAULTS)
+    if cfg.get("device") == "xla":
+        try:
+            xla_rt.require()
+            xla_rt.launcher_world_size()
+        except xla_rt.XlaUnavailable as e:
+            raise RecipeError(str(e)) from None
+    _check_data(cfg)
+    if cfg.get("device") == "xla" and not cfg["fsdp"]:
+        xla_rt.launch(_xla_process, args=(cfg,))
+        return json.loads((Path(cfg["output"]) / cfg["name"] / "summary.json").read_text())
+    return _train(cfg)
+
+
+def _xla_process(index: int, cfg: dict) -> None:
+    _train(cfg)
+
+
+def _check_data(cfg: dict) -> None:
     # everything about the data is checked before a model is built
     check_path(cfg["train_data"], "train_data")
     if cfg["val_data"]:
@@ -159,7 +210,14 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
     if folder_classes is not None and folder_classes != num_classes:
         raise RecipeError(f"{cfg['train_data']} has {folder_classes} class folders but num_classes={num_classes}")
 
-    rank, world, device = _dist()
+
+def _train(cfg: dict) -> dict:
+    num_classes = cfg["num_classes"] or num_classes_of(cfg["train_data"])
+    on_xla = cfg.get("device") == "xla"
+    mesh = xla_rt.use_spmd() if on_xla and cfg["fsdp"] else None
+    rank, world, device = _dist(cfg)
+    random.seed(cfg["seed"] + rank)  # timm's crops and flips draw from Python's random
+    np.random.seed(cfg["seed"] + rank)  # timm's Mixup draws from numpy
     torch.manual_seed(cfg["seed"] + rank)
     gb = int(cfg["global_batch"])
     if gb % world:
@@ -175,6 +233,8 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
     if resume is None and cfg["init_from"]:
         init_report = load_encoder(model, cfg["init_from"], cfg["new_head"], cfg["load_patch_embed"])
     model.to(device)
+    if mesh is not None:
+        xla_rt.shard_module(model, mesh)
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     train_loader, n_train, sampler = make_loader(cfg["train_data"], train_transform(cfg, mean, std), batch, True,
                                                  cfg["workers"], rank, world, cfg["seed"], cfg["train_num_samples"])
@@ -210,7 +270,15 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
         start_epoch, num_updates = resume["epoch"], resume["num_updates"]
         history = json.loads(resume["history"])
         _log.info("resuming %s at epoch %d", latest, start_epoch)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_kwargs = {"gradient_as_bucket_view": True} if on_xla else {}
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs) if world > 1 else model
+    batches = train_loader
+    if on_xla:
+        if mixup is not None:
+            batches, mixup = _HostMixup(train_loader, mixup), None
+        batches = xla_rt.DeviceLoader(batches, device, mesh=mesh)
+    metrics = xla_rt.StepMetrics(run_dir / "xla_metrics.json" if rank == 0 else None) if on_xla else None
+    log_path = run_dir / "train_log.jsonl"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob("*.partial-*"):  # a write cut short by a kill
@@ -225,7 +293,7 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
             sampler.set_epoch(epoch)
         ddp.train()
         total, count = 0.0, 0
-        bar = tqdm(train_loader, total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=rank != 0,
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=rank != 0,
                    leave=False)
         for x, y in bar:
             x, y = x.to(device), torch.as_tensor(y).to(device)
@@ -238,13 +306,22 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
             if cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             optimizer.step()
+            if on_xla:
+                xla_rt.sync()  # the whole step is one graph; the loss below is already computed
+                metrics.step()
             num_updates += 1
+            lr_now = optimizer.param_groups[0]["lr"]
             scheduler.step_update(num_updates)
             if ema is not None:
                 ema.update(model, step=num_updates)
-            total += loss.item()
+            value = loss.item()
+            total += value
             count += 1
-            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{lr_now:.2e}")
+            if rank == 0 and (num_updates % cfg["log_every_n_steps"] == 0 or num_updates == 1):
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": num_updates, "epoch": epoch + 1, "loss": value, "lr": lr_now}) + "\n")
         row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "seconds": time.time() - t0}
         if rank == 0:
             if val_loader is not None:
@@ -265,6 +342,8 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
                "checkpoint": str(latest), "num_classes": num_classes}
     if history:
         summary.update({k: history[-1][k] for k in ("top1", "top5") if k in history[-1]})
+    if metrics is not None:
+        metrics.write()
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if history:

@@ -12,6 +12,9 @@ attribute of ``open_clip_train.main`` / ``open_clip_train.data`` (never a file):
   counter shared with the data-loader workers, reported at the end of training;
 * fused AdamW: one fused kernel per step instead of a Python loop over parameter
   tensors (on the 2-core demo, 0.23 -> 0.19 s per step);
+* seeded sample shuffle: its sample-level ``wds.shuffle`` seeds from the clock and the
+  pid, so two runs with the same ``--seed`` see different data orders; it is given a
+  shuffle seeded from ``--seed`` (see ``SeededShuffle``);
 * reduced-size JPEG decode: images stay encoded through webdataset's decode stage and the
   training transform decodes them with ``crate_alpha.data.decode`` (draft mode);
 * XLA devices (``install(..., xla=XlaOptions(...))``, see ``xla.py``): DDP without
@@ -24,11 +27,13 @@ import io
 import logging
 import multiprocessing
 import os
+import random
 import types
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import webdataset as wds
 
 from . import xla as _xla
 
@@ -93,6 +98,25 @@ class SharedSkipCounter:
     @property
     def count(self) -> int:
         return int(self.value.value)
+
+
+class SeededShuffle(wds.detshuffle):
+    """open_clip_train's sample shuffle, seeded from --seed (it seeds from the clock).
+
+    Each loader worker seeds from its torch worker seed and the pass number, which
+    follow from --seed and the rank, so a run's data order can be repeated (the
+    XLA-vs-CPU parity tests need it).
+    """
+
+    def __init__(self, bufsize=1000, initial=100):
+        super().__init__(bufsize, initial)
+
+    def run(self, src):
+        from open_clip_train.data import pytorch_worker_seed
+
+        self.epoch += 1
+        rng = random.Random(pytorch_worker_seed(self.epoch) * 1_000_003 + self.epoch)
+        return wds.shuffle(self.bufsize, self.initial, rng=rng)(src)
 
 
 class BytesOrImage:
@@ -175,23 +199,27 @@ def install(counter: SharedSkipCounter, fast_decode: bool, xla: Optional[XlaOpti
 
     data.filter_no_caption_or_no_image = counted_filter
 
-    if not fast_decode:
-        return
-    import webdataset as wds
-    from PIL import Image
-
-    from ..data.decode import train_transform
-
     class _Wds(types.ModuleType):
         def __getattr__(self, name):
             return getattr(wds, name)
 
         @staticmethod
-        def decode(*handlers, **kwargs):
-            # leave images encoded ("pilrgb" dropped); text is still decoded
-            return wds.decode(*[h for h in handlers if h != "pilrgb"], **kwargs)
+        def shuffle(bufsize=1000, initial=100, **kwargs):
+            return SeededShuffle(bufsize, initial)
+
+        if fast_decode:
+            @staticmethod
+            def decode(*handlers, **kwargs):
+                # leave images encoded ("pilrgb" dropped); text is still decoded
+                return wds.decode(*[h for h in handlers if h != "pilrgb"], **kwargs)
 
     data.wds = _Wds("webdataset")
+    if not fast_decode:
+        return
+    from PIL import Image
+
+    from ..data.decode import train_transform
+
     create = main.create_model_and_transforms
 
     def create_with_fast_decode(*args, **kwargs):
