@@ -67,6 +67,7 @@ bench-data: $(STAMP)
 
 # ---- CLIPA training ----------------------------------------------------------------
 # make pretrain DATA='shards/{00000..00099}.tar' NPROC=8 [NNODES=2 TORCHRUN_ARGS='--rdzv-endpoint host:29500'] ARGS='global_batch=4096'
+# make pretrain DEVICE=xla DATA=... [ARGS='fsdp=True']   (TPU: one process per chip via torch_xla's launcher)
 RECIPE ?= configs/clipa_crate_alpha_L14_84_pretrain.py
 FT_RECIPE ?= configs/clipa_crate_alpha_L14_224_finetune.py
 DATA ?=
@@ -75,14 +76,20 @@ NPROC ?= 1
 NNODES ?= 1
 TORCHRUN_ARGS ?=
 ARGS ?=
-TRAIN = $(if $(filter 11,$(NPROC)$(NNODES)),$(PY),$(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(NPROC) $(TORCHRUN_ARGS)) -m crate_alpha.train
+DEVICE ?=
+# DEVICE=xla: the XLA environment's python, and torch_xla's launcher instead of torchrun
+ON_XLA = $(filter xla,$(DEVICE))
+ENV_STAMP = $(if $(ON_XLA),$(XLA_STAMP),$(STAMP))
+LAUNCH = $(if $(ON_XLA),$(XLA_PY),$(if $(filter 11,$(NPROC)$(NNODES)),$(PY),$(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(NPROC) $(TORCHRUN_ARGS)))
+DEVICE_ARG = $(if $(DEVICE),device=$(DEVICE))
+TRAIN = $(LAUNCH) -m crate_alpha.train
 .PHONY: pretrain finetune demo demo-baseline demo-segment
 
-pretrain: $(STAMP)
-	$(TRAIN) $(RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(ARGS)
+pretrain: $(ENV_STAMP)
+	$(TRAIN) $(RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(DEVICE_ARG) $(ARGS)
 
-finetune: $(STAMP)
-	$(TRAIN) $(FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(ARGS)
+finetune: $(ENV_STAMP)
+	$(TRAIN) $(FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(DEVICE_ARG) $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m crate_alpha.demo --fresh
@@ -101,14 +108,14 @@ VAL ?=
 CKPT ?=
 MODEL ?=
 EVAL_OUT ?= runs/cls/eval.json
-CLS = $(if $(filter 11,$(NPROC)$(NNODES)),$(PY),$(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(NPROC) $(TORCHRUN_ARGS)) -m crate_alpha.classify train
+CLS = $(LAUNCH) -m crate_alpha.classify train
 .PHONY: cls-pretrain cls-finetune cls-eval demo-cls
 
-cls-pretrain: $(STAMP)
-	$(CLS) $(CLS_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(ARGS)
+cls-pretrain: $(ENV_STAMP)
+	$(CLS) $(CLS_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(DEVICE_ARG) $(ARGS)
 
-cls-finetune: $(STAMP)
-	$(CLS) $(CLS_FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(ARGS)
+cls-finetune: $(ENV_STAMP)
+	$(CLS) $(CLS_FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(DEVICE_ARG) $(ARGS)
 
 # make cls-eval VAL=/data/imagenet/val MODEL=local-dir:out/crate-alpha-L14   (or CKPT=runs/cls/.../latest.pt)
 cls-eval: $(STAMP)

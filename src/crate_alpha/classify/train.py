@@ -184,7 +184,8 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
     if cfg.get("device") == "xla":
         try:
             xla_rt.require()
-            xla_rt.launcher_world_size()
+            if not cfg["fsdp"]:
+                xla_rt.launcher_world_size()
         except xla_rt.XlaUnavailable as e:
             raise RecipeError(str(e)) from None
     _check_data(cfg)

@@ -187,7 +187,8 @@ def run(recipe: str | None, overrides: List[str], dry_run: bool = False) -> dict
 
         try:
             xla.require()
-            xla.launcher_world_size()
+            if not cfg["fsdp"]:
+                xla.launcher_world_size()
         except xla.XlaUnavailable as e:
             raise RecipeError(str(e)) from None
     if cfg["lock_text"] and not cfg["text_init"] and not cfg["init_from"]:
