@@ -33,9 +33,10 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests --ignore=tests/xla
 
-# XLA:CPU (PJRT_DEVICE=CPU): the library on torch 2.9 and both trainers on an XLA device
+# XLA:CPU (PJRT_DEVICE=CPU): both trainers on an XLA device, and the model/open_clip tests
+# again on torch 2.9 (the library supports both environments)
 test-xla: $(XLA_STAMP)
-	PJRT_DEVICE=CPU $(XLA_PY) -m pytest -q tests/xla
+	PJRT_DEVICE=CPU $(XLA_PY) -m pytest -q tests/xla tests/test_model.py tests/test_open_clip.py
 
 bench: $(STAMP)
 	$(PY) -m crate_alpha.bench

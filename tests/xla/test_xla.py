@@ -165,7 +165,8 @@ def test_cls_mixup_runs_on_host(demo_data, tmp_path):
 # ---- resume after kill -9 --------------------------------------------------------------
 
 def test_kill_mid_run_then_resume_on_xla(demo_data, tmp_path):
-    args = _clip(demo_data, tmp_path, "r", "device=xla", "epochs=4", "global_batch=32", "train_num_samples=256")
+    args = _clip(demo_data, tmp_path, "r", "device=xla", "epochs=4", "global_batch=32", "train_num_samples=256",
+                 "save_every_epochs=1")
     ckpts = tmp_path / "r" / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-m", *args], start_new_session=True, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
