@@ -38,8 +38,9 @@ test: lint
 test-xla: $(XLA_STAMP)
 	PJRT_DEVICE=CPU $(XLA_PY) -m pytest -q tests/xla tests/test_model.py tests/test_open_clip.py
 
-bench: $(STAMP)
+bench: $(STAMP) $(XLA_STAMP)
 	$(PY) -m crate_alpha.bench
+	PJRT_DEVICE=CPU $(XLA_PY) -m crate_alpha.bench --xla
 	$(PY) -m data_pipeline bench
 
 model-table: $(STAMP)
