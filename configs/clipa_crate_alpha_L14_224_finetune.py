@@ -29,5 +29,6 @@ def get_config():
         local_loss=True,
         gather_with_grad=True,
         grad_checkpointing=True,
+        fsdp=False,                 # with device=xla: True shards weights and batch over a host's devices (SPMD FSDP)
         output="runs/clipa",
     )

@@ -25,7 +25,7 @@ larger and would drift from the CPU/GPU one, which is what the parity tests comp
   every weight matrix is sharded along its first dimension over a one-axis ``fsdp`` mesh
   of all devices, and every batch along the batch dimension; XLA's SPMD partitioner
   inserts the all-gathers and reduce-scatters (ZeRO-3). SPMD is one process per host
-  (no launcher).
+  (no launcher), and one host: across hosts every host would read the whole data stream.
 """
 from __future__ import annotations
 
@@ -196,6 +196,10 @@ def use_spmd() -> Any:
     import torch_xla.runtime as xr
 
     xr.use_spmd()
+    if xr.process_count() > 1:
+        # each host would read the whole data stream as if it were the global batch
+        raise XlaUnavailable("fsdp=True shards over the devices of one host; this run spans "
+                             f"{xr.process_count()} hosts: use data-parallel (fsdp=False) across hosts")
     n = xr.global_runtime_device_count()
     return xs.Mesh(np.arange(n), (n,), ("fsdp",))
 
