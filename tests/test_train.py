@@ -160,3 +160,31 @@ def test_two_runs_in_one_process_keep_separate_logs(demo_data, tmp_path):
     run(str(CONFIGS / "demo_pretrain.py"), over + ["name=b"])
     a = (tmp_path / "a" / "out.log").read_text()
     assert a.count("Start epoch 0") == 1 and str(tmp_path / "b") not in a
+
+
+def test_sample_shuffle_follows_the_seed():
+    from crate_alpha.train.hooks import SeededShuffle
+
+    def order(seed):
+        torch.manual_seed(seed)
+        stage = SeededShuffle(bufsize=50, initial=10)
+        return [list(stage.run(iter(range(200)))) for _ in range(2)]  # two passes
+
+    a, b, c = order(0), order(0), order(1)
+    assert a == b and a != c and a[0] != a[1] and sorted(a[0]) == list(range(200))
+
+
+def test_xla_and_remote_data_errors_are_clear(tmp_path, no_model_build):
+    from crate_alpha.train.clip import count_samples
+
+    with pytest.raises(RecipeError, match="set train_num_samples=N"):
+        count_samples(["pipe:gcloud storage cat gs://b/0.tar"])
+    with pytest.raises(RecipeError, match="set device=xla"):
+        load_recipe(str(CONFIGS / "demo_pretrain.py"), ["fsdp=True"])
+    with pytest.raises(RecipeError, match="device must be cpu, cuda or xla"):
+        load_recipe(str(CONFIGS / "demo_pretrain.py"), ["device=tpu"])
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:  # the main environment: the error names the XLA one
+        with pytest.raises(RecipeError, match="make venv-xla"):
+            run(str(CONFIGS / "demo_pretrain.py"), ["device=xla", f"output={tmp_path}"])

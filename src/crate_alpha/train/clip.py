@@ -55,6 +55,10 @@ def check_data(pattern) -> List[str]:
 
 def count_samples(urls: List[str]) -> int:
     """Samples in the shards: img2dataset's per-shard statistics, or the tar headers."""
+    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    if remote:
+        raise RecipeError(f"cannot count the samples of remote shards such as {remote[0]!r}: "
+                          "set train_num_samples=N (img2dataset's stats give N)")
     total = 0
     for u in urls:
         stats = Path(u[: -len(".tar")] + "_stats.json") if u.endswith(".tar") else None

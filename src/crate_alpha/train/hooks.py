@@ -103,19 +103,19 @@ class SharedSkipCounter:
 class SeededShuffle(wds.detshuffle):
     """open_clip_train's sample shuffle, seeded from --seed (it seeds from the clock).
 
-    Each loader worker seeds from its torch worker seed and the pass number, which
-    follow from --seed and the rank, so a run's data order can be repeated (the
-    XLA-vs-CPU parity tests need it).
+    The seed is the loader worker's torch seed (or, without workers, the process's, which
+    open_clip_train sets to --seed + rank) and the pass number, so a run's data order can
+    be repeated (the XLA-vs-CPU parity tests need it).
     """
 
     def __init__(self, bufsize=1000, initial=100):
         super().__init__(bufsize, initial)
 
     def run(self, src):
-        from open_clip_train.data import pytorch_worker_seed
-
         self.epoch += 1
-        rng = random.Random(pytorch_worker_seed(self.epoch) * 1_000_003 + self.epoch)
+        worker = torch.utils.data.get_worker_info()
+        base = worker.seed if worker is not None else torch.initial_seed()
+        rng = random.Random(base * 1_000_003 + self.epoch)
         return wds.shuffle(self.bufsize, self.initial, rng=rng)(src)
 
 
