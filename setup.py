@@ -4,8 +4,9 @@ from setuptools import find_packages, setup
 # Ranges that both tested environments satisfy: the main one (torch 2.14.1) and the XLA one
 # (torch 2.9.0, the newest torch_xla's torch). The exact versions of each live in
 # constraints/{main,xla}.txt, which `make` installs with. Known breakages set the upper
-# bounds: open_clip_train's webdataset loader breaks on webdataset 0.2.111, and
-# clip-benchmark 1.6.2 on numpy 2.4.
+# bounds: open_clip_train's webdataset loader breaks on webdataset 0.2.110/0.2.111 (the
+# newest two; 0.2.86 is the newest known to work, so it stays pinned), and clip-benchmark
+# 1.6.2 on numpy 2.4.
 INSTALL_REQUIRES = [
     "torch>=2.9,<2.15",
     "torchvision>=0.24,<0.30",
@@ -13,7 +14,7 @@ INSTALL_REQUIRES = [
     "open_clip_torch>=3.3,<4",
     "safetensors>=0.4",
     "numpy<2.4",
-    "webdataset>=0.2.86,<0.2.111",
+    "webdataset==0.2.86",  # 0.2.110 and 0.2.111 (the same code) break open_clip_train's loader
     "clip-benchmark>=1.6.2,<1.7",
     "img2dataset>=1.47,<2",
     "scikit-learn",
