@@ -140,3 +140,18 @@ def test_checkpoint_other_grid_loads_through_timm(tmp_path):
                             pretrained_cfg_overlay=dict(file=str(tmp_path / "ckpt.pth")))
     assert dst.pos_embed.shape == (1, 65, 128)
     assert torch.allclose(dst.pos_embed, _grid_resample(src.pos_embed.detach(), 8), atol=1e-6)
+
+
+def test_timm_features_only_like_vit():
+    # dense-prediction users: timm's feature getter, as for vit_* (it failed with "Return layers ... not present")
+    x = torch.randn(2, 3, 64, 64)
+    feat = timm.create_model("crate_alpha_demo_patch8_64", features_only=True, out_indices=(0, 2)).eval()
+    full = timm.create_model("crate_alpha_demo_patch8_64").eval()
+    full.load_state_dict(feat.model.state_dict(), strict=False)
+    with torch.no_grad():
+        got = feat(x)
+        _, want = full.forward_intermediates(x, indices=[0, 2])
+    assert feat.feature_info.channels() == [128, 128] and feat.feature_info.reduction() == [8, 8]
+    assert [f.shape for f in got] == [(2, 128, 8, 8)] * 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -421,7 +421,10 @@ def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs: Any) -
     if _CUSTOM_NAME.match(variant):
         if args.get("pretrained_cfg") is None:
             args["pretrained_cfg"] = _cfg(to_2tuple(args["img_size"])[0])
-    return build_model_with_cfg(CrateAlpha, variant, pretrained, **args)
+    # features_only=True goes through timm's feature getter (forward_intermediates), as for ViTs
+    out_indices = args.pop("out_indices", 3)
+    return build_model_with_cfg(CrateAlpha, variant, pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 # --------------------------------------------------------------------------------------
