@@ -28,7 +28,7 @@ venv-xla: $(XLA_STAMP)
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests data_pipeline zeroshot
+	$(VENV)/bin/ruff check src tests data_pipeline zeroshot configs
 
 test: lint
 	$(PY) -m pytest -q tests --ignore=tests/xla
@@ -38,13 +38,16 @@ test: lint
 test-xla: $(XLA_STAMP)
 	PJRT_DEVICE=CPU $(XLA_PY) -m pytest -q tests/xla tests/test_model.py tests/test_open_clip.py
 
+# every target below runs the one command line, crate-alpha (src/crate_alpha/cli.py)
+CLI := $(VENV)/bin/crate-alpha
+
 bench: $(STAMP) $(XLA_STAMP)
-	$(PY) -m crate_alpha.bench
-	PJRT_DEVICE=CPU $(XLA_PY) -m crate_alpha.bench --xla
-	$(PY) -m data_pipeline bench
+	$(CLI) bench
+	PJRT_DEVICE=CPU $(XLA_VENV)/bin/crate-alpha bench --xla
+	$(CLI) data bench
 
 model-table: $(STAMP)
-	$(PY) -m crate_alpha.model_table
+	$(CLI) model-table
 
 clean:
 	rm -rf $(VENV) $(XLA_VENV) runs
@@ -56,16 +59,16 @@ SHARDS ?= shards
 .PHONY: data-demo data-download data-verify bench-data
 
 data-demo: $(STAMP)
-	$(PY) -m data_pipeline demo --out $(DATA_OUT)
+	$(CLI) data demo --out $(DATA_OUT)
 
 data-download: $(STAMP)
-	$(PY) -m data_pipeline download $(METADATA) --out $(SHARDS)
+	$(CLI) data download $(METADATA) --out $(SHARDS)
 
 data-verify: $(STAMP)
-	$(PY) -m data_pipeline verify $(SHARDS)
+	$(CLI) data verify $(SHARDS)
 
 bench-data: $(STAMP)
-	$(PY) -m data_pipeline bench
+	$(CLI) data bench
 
 # ---- CLIPA training ----------------------------------------------------------------
 # make pretrain DATA='shards/{00000..00099}.tar' NPROC=8 [NNODES=2 TORCHRUN_ARGS='--rdzv-endpoint host:29500'] ARGS='global_batch=4096'
@@ -84,24 +87,24 @@ ON_XLA = $(filter xla,$(DEVICE))
 ENV_STAMP = $(if $(ON_XLA),$(XLA_STAMP),$(STAMP))
 LAUNCH = $(if $(ON_XLA),$(XLA_PY),$(if $(filter 11,$(NPROC)$(NNODES)),$(PY),$(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(NPROC) $(TORCHRUN_ARGS)))
 DEVICE_ARG = $(if $(DEVICE),device=$(DEVICE))
-TRAIN = $(LAUNCH) -m crate_alpha.train
+RUN = $(LAUNCH) -m crate_alpha.cli
 .PHONY: pretrain finetune demo demo-baseline demo-segment
 
 pretrain: $(ENV_STAMP)
-	$(TRAIN) $(RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(DEVICE_ARG) $(ARGS)
+	$(RUN) pretrain $(RECIPE) $(if $(DATA),"train_data=$(DATA)") logs=$(OUT) $(DEVICE_ARG) $(ARGS)
 
 finetune: $(ENV_STAMP)
-	$(TRAIN) $(FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") output=$(OUT) $(DEVICE_ARG) $(ARGS)
+	$(RUN) finetune $(FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") logs=$(OUT) $(DEVICE_ARG) $(ARGS)
 
 demo: $(STAMP)
-	$(PY) -m crate_alpha.demo --fresh
+	$(CLI) demo --fresh
 
 demo-baseline: $(STAMP)
-	$(PY) -m crate_alpha.demo --fresh --baseline
+	$(CLI) demo --fresh --baseline
 
 # CRATE-α, CRATE and ViT digit classifiers on photo crops, same wall-clock budget; MaskCut/attention mIoU
 demo-segment: $(STAMP)
-	$(PY) -m crate_alpha.segment_demo --out runs/demo-segment
+	$(CLI) demo-segment --out runs/demo-segment
 
 # ---- classification ------------------------------------------------------------------
 CLS_RECIPE ?= configs/cls_crate_alpha_B16_in21k_pretrain.py
@@ -110,18 +113,17 @@ VAL ?=
 CKPT ?=
 MODEL ?=
 EVAL_OUT ?= runs/cls/eval.json
-CLS = $(LAUNCH) -m crate_alpha.classify train
 .PHONY: cls-pretrain cls-finetune cls-eval demo-cls
 
 cls-pretrain: $(ENV_STAMP)
-	$(CLS) $(CLS_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(DEVICE_ARG) $(ARGS)
+	$(RUN) cls-train $(CLS_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(DEVICE_ARG) $(ARGS)
 
 cls-finetune: $(ENV_STAMP)
-	$(CLS) $(CLS_FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(DEVICE_ARG) $(ARGS)
+	$(RUN) cls-train $(CLS_FT_RECIPE) $(if $(DATA),"train_data=$(DATA)") $(if $(VAL),"val_data=$(VAL)") $(DEVICE_ARG) $(ARGS)
 
 # make cls-eval VAL=/data/imagenet/val MODEL=local-dir:out/crate-alpha-L14   (or CKPT=runs/cls/.../latest.pt)
 cls-eval: $(STAMP)
-	$(PY) -m crate_alpha.classify eval --data "$(VAL)" --output $(EVAL_OUT) $(if $(MODEL),--model "$(MODEL)") $(if $(CKPT),--checkpoint "$(CKPT)")
+	$(CLI) cls-eval --data "$(VAL)" --output $(EVAL_OUT) $(if $(MODEL),--model "$(MODEL)") $(if $(CKPT),--checkpoint "$(CKPT)")
 
 demo-cls: $(STAMP)
-	$(PY) -m crate_alpha.classify demo --fresh
+	$(CLI) demo-cls --fresh

@@ -33,8 +33,10 @@ setup(
     description="CRATE-α (Scaling White-Box Transformers for Vision) for timm and open_clip",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
+    # the recipes in configs/ ship with the package (crate_alpha.configs), so every command,
+    # the demos included, runs from an installed package as well as from a checkout
+    package_dir={"": "src", "crate_alpha.configs": "configs"},
+    packages=find_packages("src") + ["crate_alpha.configs"],
     package_data={"crate_alpha": ["model_configs/*.json"]},
     include_package_data=True,
     python_requires=">=3.10",

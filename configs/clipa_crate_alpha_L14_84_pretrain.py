@@ -1,16 +1,21 @@
 """CRATE-α-CLIPA-L/14 pre-training at 84 px, as in the paper (DataComp-1B, 2.56B samples seen).
 
 Values from the official configs (configs/crate/clipa/84_32_pre_training.py): stated for
-a global batch of 32,768; at another batch the launcher scales lr linearly and keeps the
-warm-up length in samples.
+a global batch of 32,768; at another batch the trainer scales lr linearly and keeps the
+warm-up length in samples. Keys are open_clip_train's flags (wd, grad_clip_norm, ...).
+
+Variant ``:demo`` (``make demo``): the same recipe shrunk to one laptop, a 4-layer x 128
+CRATE-α CLIP pre-trained at 32 px on the digits corpus. β2 0.95 and gradient clipping 1.0
+matter: with open_clip's defaults (β2 0.98, no clipping) this model's loss stays at
+ln(batch).
 """
 
 
-def get_config():
-    return dict(
+def get_config(arg=None):
+    config = dict(
         model="crate-alpha-CLIPA-L-14",
-        image_size=84,
-        context_length=32,
+        force_image_size=84,
+        force_context_length=32,
         train_data=None,            # DataComp-1B shards, e.g. 'datacomp/{00000000..00139999}.tar'
         global_batch=32768,
         reference_batch=32768,
@@ -18,10 +23,10 @@ def get_config():
         lr_per_256=8e-6,            # 1.024e-3 at 32k
         warmup_steps=1600,
         lr_scheduler="cosine",      # to 0
-        weight_decay=0.2,
+        wd=0.2,
         beta1=0.9,
         beta2=0.95,
-        grad_clip=1.0,
+        grad_clip_norm=1.0,
         precision="amp_bf16",
         text_init=None,             # an open_clip checkpoint of a pre-trained CLIPA text encoder (required)
         lock_text=True,             # the text tower stays frozen
@@ -29,5 +34,27 @@ def get_config():
         gather_with_grad=True,
         grad_checkpointing=True,
         fsdp=False,                 # with device=xla: True shards weights and batch over a host's devices (SPMD FSDP)
-        output="runs/clipa",
+        logs="runs/clipa",
     )
+    if arg == "demo":
+        config.update(
+            model="crate-alpha-demo",
+            force_image_size=32,
+            force_context_length=None,
+            global_batch=64,
+            reference_batch=64,
+            epochs=30,
+            lr_per_256=2e-3,        # 5e-4 at batch 64
+            warmup_steps=60,
+            lock_text=False,        # no pre-trained text tower: both towers learn
+            local_loss=False,
+            gather_with_grad=False,
+            grad_checkpointing=False,
+            workers=0,
+            save_frequency=0,       # keep the final and the latest (resume) checkpoints only
+            log_every_n_steps=50,
+            logs="runs/demo",
+        )
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} (variants: demo)")
+    return config

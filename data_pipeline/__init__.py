@@ -1,4 +1,4 @@
-"""Command-line data pipeline: ``python -m data_pipeline download|verify|demo|bench``.
+"""The data pipeline's command line: ``python -m data_pipeline``, the same as ``crate-alpha data``.
 
-The reusable code lives in ``crate_alpha.data``; this package is the command line.
+The code lives in ``crate_alpha.data``.
 """

@@ -74,15 +74,16 @@ def test_impossible_shape_names_refused(name, match):
     with pytest.raises(ValueError, match=match):
         crate_alpha.variant_args(name)
     with pytest.raises(ValueError, match=match):
-        timm.create_model(name)
+        crate_alpha.register_variant(name)
+    assert not timm.is_model(name)  # refused before timm heard of it
 
 
 def test_shape_arguments_checked_after_overrides():
     with pytest.raises(ValueError, match="heads 0"):
         timm.create_model("crate_alpha_demo_patch8_64", num_heads=0)
     with pytest.raises(ValueError, match="larger than the resolution"):
-        timm.create_model("crate_alpha_w64_d1_h2_patch8_32", img_size=4)
-    assert timm.create_model("crate_alpha_w64_d1_h2_patch8_8").patch_embed.grid_size == (1, 1)
+        timm.create_model(crate_alpha.register_variant("crate_alpha_w64_d1_h2_patch8_32"), img_size=4)
+    assert timm.create_model(crate_alpha.register_variant("crate_alpha_w64_d1_h2_patch8_8")).patch_embed.grid_size == (1, 1)
 
 
 def test_cli_impossible_shape_is_one_line(capsys, cls_pth, tmp_path):
@@ -220,11 +221,11 @@ def _json_eacces(obj, path):
 
 
 @pytest.mark.parametrize("name,fail", [("save_file", _enospc), ("save_file", _safetensors_enospc),
-                                       ("_write_json", _json_eacces)])
+                                       ("write_json", _json_eacces)])
 def test_write_failure_leaves_nothing(capsys, cls_pth, tmp_path, monkeypatch, name, fail):
     monkeypatch.setattr(folders, name, fail)
     out = tmp_path / "out"
-    reason = "Permission denied" if name == "_write_json" else "No space left on device"
+    reason = "Permission denied" if name == "write_json" else "No space left on device"
     err = assert_one_line_error(capsys, *convert_args(cls_pth, out), match=f"cannot write {out}: {reason}")
     assert ".partial-" not in err
     assert not out.exists() and hidden_leftovers(tmp_path) == []

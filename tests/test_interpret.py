@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import crate_alpha  # noqa: F401  (registers the models)
+import crate_alpha
 from crate_alpha import interpret
 from crate_alpha.convert import convert_official_torch
 from crate_alpha.interpret import BlockTrace, Trace
 
-TINY = "crate_alpha_w32_d2_h2_patch8_32"
+TINY = crate_alpha.register_variant("crate_alpha_w32_d2_h2_patch8_32")  # a shape name: registered on demand
 
 
 @pytest.fixture

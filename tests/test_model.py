@@ -1,13 +1,21 @@
-"""The CRATE-α encoder as a timm model: operators, variants, timm features."""
+"""The CRATE-α encoder as a timm model: operators, variants, timm features, registration,
+and timm's own model checks."""
+import json
 import math
+import subprocess
+import sys
+import warnings
 
+import open_clip
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
 import crate_alpha
+import reference_official as ref
 from crate_alpha import MSSA, ODL, CrateAlpha
+from crate_alpha.convert import convert_official_torch
 from conftest import rel_err
 
 
@@ -155,3 +163,222 @@ def test_timm_features_only_like_vit():
     assert [f.shape for f in got] == [(2, 128, 8, 8)] * 2
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+# ---- registration: timm's public register_model only ------------------------------------
+
+def test_timm_registry_is_left_as_timm_made_it():
+    # Names are added with timm.models.register_model; timm's table is never swapped for another type.
+    from timm.models import _registry
+    assert type(_registry._model_entrypoints) is dict
+    for name in ALL_TIMM:
+        assert timm.models.model_entrypoint(name).__module__ == "crate_alpha.crate_alpha"
+
+
+def test_register_variant_makes_a_shape_name_known():
+    name = "crate_alpha_w24_d3_h2_patch4_16"  # a shape no other test registers
+    assert not timm.is_model(name) and name not in timm.list_models("crate_alpha_*")
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        timm.create_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # registering twice would make timm warn about overwriting
+        assert crate_alpha.register_variant(name) == name
+        assert crate_alpha.register_variant(name) == name
+    entry = timm.models.model_entrypoint(name)
+    assert entry.__name__ == name and entry.__module__ == "crate_alpha.crate_alpha"
+    assert name in timm.list_models("crate_alpha_*") and name in timm.list_models(module="crate_alpha")
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.architecture == name and cfg.input_size == (3, 16, 16) and cfg.first_conv == "patch_embed.proj"
+    m = timm.create_model(name, num_classes=3).eval()
+    assert isinstance(m, CrateAlpha) and m.embed_dim == 24 and len(m.blocks) == 3
+    assert m.blocks[0].attn.num_heads == 2 and m.pretrained_cfg["input_size"] == (3, 16, 16)
+    assert m(torch.randn(1, 3, 16, 16)).shape == (1, 3)
+    feat = timm.create_model(name, features_only=True, out_indices=(0, 2)).eval()
+    assert feat.feature_info.channels() == [24, 24] and feat.feature_info.reduction() == [4, 4]
+    assert [f.shape for f in feat(torch.randn(2, 3, 16, 16))] == [(2, 24, 4, 4)] * 2
+
+
+def test_register_variant_known_and_foreign_names():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ALL_TIMM:
+            entry = timm.models.model_entrypoint(name)
+            assert crate_alpha.register_variant(name) == name
+            assert timm.models.model_entrypoint(name) is entry  # the import-time registration stays
+    for name in ("resnet50", "vit_base_patch16_224", "crate_alpha_giant_patch14_224"):
+        with pytest.raises(ValueError, match="unknown CRATE-α model"):
+            crate_alpha.register_variant(name)
+    with pytest.raises(ValueError, match="width 32 is not divisible by 3 heads"):
+        crate_alpha.register_variant("crate_alpha_w32_d1_h3_patch8_32")
+    assert not timm.is_model("crate_alpha_w32_d1_h3_patch8_32") and not timm.is_model("crate_alpha_giant_patch14_224")
+
+
+# A new interpreter: only the fixed names are registered there, as for any user of a folder.
+_LOAD_IN_A_FRESH_PROCESS = """
+import sys
+import open_clip, timm, torch
+import crate_alpha
+
+cls, clip, out = sys.argv[1:4]
+loaders = (lambda: timm.create_model("local-dir:" + cls, pretrained=True),
+           lambda: open_clip.create_model("local-dir:" + clip))
+for load in loaders:
+    try:
+        load()
+    except RuntimeError as e:
+        assert "Unknown model" in str(e), e
+    else:
+        raise AssertionError("the folder's shape name was known before register_folder_variants")
+names = crate_alpha.register_folder_variants(cls) + crate_alpha.register_folder_variants("local-dir:" + clip)
+x = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
+with torch.no_grad():
+    logits = loaders[0]().eval()(x[..., :8, :8])
+    image = loaders[1]().eval().encode_image(x)
+torch.save({"names": names, "logits": logits, "image": image}, out)
+"""
+
+
+def test_register_folder_variants_in_a_fresh_process(tmp_path):
+    torch.save(ref.random_classifier_sd(width=32, depth=1, patch=4, res=8, num_classes=2), tmp_path / "c.pth")
+    convert_official_torch(tmp_path / "c.pth", tmp_path / "cls", heads=2)
+    torch.save(ref.random_clipa_sd(width=32, depth=1, patch=4, res=16, embed=24, text_width=48, text_layers=1,
+                                   vocab=50, context=8), tmp_path / "clip.pth")
+    convert_official_torch(tmp_path / "clip.pth", tmp_path / "clip", heads=2, text_heads=3)
+    r = subprocess.run([sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, str(tmp_path / "cls"), str(tmp_path / "clip"),
+                        str(tmp_path / "out.pt")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["names"] == ["crate_alpha_w32_d1_h2_patch4_8", "crate_alpha_w32_d1_h2_patch4_16"]
+    # the weights that loaded there are the converted ones (here the converter registered the names)
+    x = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
+    with torch.no_grad():
+        logits = timm.create_model(f"local-dir:{tmp_path / 'cls'}", pretrained=True).eval()(x[..., :8, :8])
+        image = open_clip.create_model(f"local-dir:{tmp_path / 'clip'}").eval().encode_image(x)
+    torch.testing.assert_close(got["logits"], logits)
+    torch.testing.assert_close(got["image"], image)
+
+
+def test_register_folder_variants_leaves_other_folders_alone(tmp_path):
+    assert crate_alpha.register_folder_variants(tmp_path) == []  # no config: the loader will say so
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet50", "pretrained_cfg": {}}))
+    assert crate_alpha.register_folder_variants(tmp_path) == []
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "crate_alpha_demo_patch8_64"}))
+    assert crate_alpha.register_folder_variants(tmp_path) == []  # registered on import already
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "crate_alpha_w64_d2_h3_patch8_32"}))
+    with pytest.raises(ValueError, match="width 64 is not divisible by 3 heads"):
+        crate_alpha.register_folder_variants(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        crate_alpha.register_folder_variants(tmp_path)
+
+
+# ---- timm's own model checks (its tests/test_models.py), for every registered name ---------
+
+# What a timm ViT entry carries, weight locations aside (no CRATE-α weights are hosted).
+CFG_KEYS = ("architecture", "input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean",
+            "std", "num_classes", "first_conv", "classifier", "license", "paper_ids", "paper_name", "origin_url")
+
+
+def _small(name, depth=1, **kwargs):
+    """``name`` (its width and heads) at two patches a side and few blocks: timm's checks, cheaply."""
+    res = 2 * crate_alpha.variant_args(name)["patch_size"]
+    return timm.create_model(name, img_size=res, depth=depth, **kwargs).eval(), torch.randn(1, 3, res, res)
+
+
+@pytest.mark.parametrize("name", ALL_TIMM)
+def test_pretrained_cfg_complete(name):
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    assert [k for k in CFG_KEYS if cfg.get(k) is None] == []
+    res = crate_alpha.variant_args(name)["img_size"]
+    assert cfg["architecture"] == name and cfg["input_size"] == (3, res, res) and cfg["fixed_input_size"]
+    assert len(cfg["mean"]) == len(cfg["std"]) == 3 and 0 < cfg["crop_pct"] <= 1
+    assert timm.get_pretrained_cfg_value(name, "input_size") == cfg["input_size"]
+    assert not timm.models.is_model_pretrained(name) and not cfg.get("url") and not cfg.get("hf_hub_id")
+    # the full-size model (on the meta device, no memory): the cfg names its real modules and input
+    m = timm.create_model(name, device="meta")
+    assert m.pretrained_cfg["architecture"] == name and tuple(m.patch_embed.img_size) == cfg["input_size"][1:]
+    first, head = m.get_submodule(cfg["first_conv"]), m.get_submodule(cfg["classifier"])
+    assert isinstance(first, torch.nn.Conv2d) and first.in_channels == cfg["input_size"][0]
+    assert head.out_features == cfg["num_classes"] == m.num_classes
+    state = m.state_dict()
+    assert cfg["first_conv"] + ".weight" in state and cfg["classifier"] + ".weight" in state
+    data = timm.data.resolve_model_data_config(m)
+    assert data["input_size"] == cfg["input_size"] and data["interpolation"] == cfg["interpolation"]
+    assert data["mean"] == cfg["mean"] and data["std"] == cfg["std"] and data["crop_pct"] == cfg["crop_pct"]
+    timm.data.create_transform(**data)
+
+
+@pytest.mark.parametrize("name", ALL_TIMM)
+def test_timm_default_cfgs_non_std(name):
+    # timm's test_model_default_cfgs_non_std: features, pre-logits and a removed classifier agree
+    m, x = _small(name)
+    assert m.num_classes >= 0 and m.num_features > 0 and m.head_hidden_size > 0
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        pre = m.forward_head(feats, pre_logits=True)
+        assert feats.shape[-1] == m.num_features and pre.shape[1] == m.head_hidden_size
+        m.reset_classifier(0)
+        assert m.num_classes == 0
+        out = m(x)
+        assert out.shape == pre.shape and out.shape[-1] == m.head_hidden_size
+        headless, _ = _small(name, num_classes=0)
+        assert headless(x).shape[-1] == headless.num_features
+
+
+@pytest.mark.parametrize("name", ALL_TIMM)
+def test_timm_forward_and_backward(name):
+    # timm's test_model_forward (with grad checkpointing) and test_model_backward
+    m, x = _small(name, num_classes=42)
+    with torch.no_grad():
+        y = m(x)
+        m.set_grad_checkpointing()
+        torch.testing.assert_close(m(x), y, rtol=1e-4, atol=1e-5)
+    assert y.shape == (1, 42) and not torch.isnan(y).any()
+    m.train()
+    out = m(torch.randn(2, *x.shape[1:]))
+    out.mean().backward()
+    assert out.shape == (2, 42) and [n for n, p in m.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("name", ALL_TIMM)
+def test_timm_forward_intermediates(name):
+    # timm's test_model_forward_intermediates and test_model_forward_intermediates_features
+
+    def check(outs, info, side):
+        assert len(outs) == len(info.channels())
+        for c, r, o in zip(info.channels(), info.reduction(), outs):
+            assert o.shape[:2] == (1, c) and not torch.isnan(o).any()
+            assert o.shape[2] <= math.ceil(side / r) + 1 and o.shape[3] <= math.ceil(side / r) + 1
+
+    m, x = _small(name, depth=3)  # timm asks for at least three feature levels
+    info = timm.models.FeatureInfo(m.feature_info, len(m.feature_info))
+    assert len(info.channels()) >= 3
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x, output_fmt="NCHW")
+        check(inter, info, x.shape[-1])
+        torch.testing.assert_close(final, m.forward_features(x))
+        m.set_grad_checkpointing()
+        torch.testing.assert_close(m.forward_intermediates(x, output_fmt="NCHW")[0], final, rtol=1e-4, atol=1e-5)
+        feat, x = _small(name, features_only=True, feature_cls="getter", out_indices=1)  # the last of 1 block
+        check(feat(x), feat.feature_info, x.shape[-1])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("name", ALL_TIMM)
+def test_timm_torchscript_and_fx(name):
+    # timm's test_model_forward_torchscript and test_model_forward_fx
+    fx = pytest.importorskip("torchvision.models.feature_extraction")
+    from timm.models import get_notrace_functions, get_notrace_modules
+
+    with timm.layers.set_scriptable(True):
+        m, x = _small(name)
+    with torch.no_grad():
+        y = m(x)
+        torch.testing.assert_close(torch.jit.script(m)(x), y)
+    tracer = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                  param_shapes_constant=True)
+    train_nodes, eval_nodes = fx.get_graph_node_names(m, tracer_kwargs=tracer)
+    traced = fx.create_feature_extractor(m, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:],
+                                         tracer_kwargs=tracer)
+    with torch.no_grad():
+        assert torch.equal(next(iter(traced(x).values())), y)

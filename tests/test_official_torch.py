@@ -202,7 +202,7 @@ def test_interrupted_conversion_leaves_nothing(fixtures, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(folders, "_write_json", boom)
+    monkeypatch.setattr(folders, "write_json", boom)
     with pytest.raises(KeyboardInterrupt):
         convert_official_torch(fixtures / "official_torch" / "crate_alpha_cls_shared.pth",
                                tmp_path / "out", heads=4)

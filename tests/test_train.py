@@ -11,38 +11,68 @@ import pytest
 import torch
 
 import crate_alpha
-from crate_alpha.train.clip import prepare_init, run
-from crate_alpha.train.recipe import RecipeError, load_recipe, schedule
+from crate_alpha.clip_trainer import OPEN_CLIP_TRAIN_FLAGS, load, prepare_init, run, schedule
+from crate_alpha.common import CrateAlphaError
+from crate_alpha.recipe import RecipeError
 from crate_alpha.zeroshot import clip_benchmark_eval
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+DEMO_PRETRAIN = "clipa_crate_alpha_L14_84_pretrain:demo"
+DEMO_FINETUNE = "clipa_crate_alpha_L14_224_finetune:demo"
 
 
 def test_official_recipes():
-    pre = load_recipe(str(CONFIGS / "clipa_crate_alpha_L14_84_pretrain.py"))
+    pre = load(str(CONFIGS / "clipa_crate_alpha_L14_84_pretrain.py"))
     s = schedule(pre, world_size=1, train_num_samples=1_000_000_000)
-    assert (pre["image_size"], pre["context_length"], pre["global_batch"]) == (84, 32, 32768)
+    assert (pre["force_image_size"], pre["force_context_length"], pre["global_batch"]) == (84, 32, 32768)
     assert s["lr"] == pytest.approx(1.024e-3) and s["warmup"] == 1600 and s["epochs"] == 3
-    assert (pre["beta2"], pre["weight_decay"], pre["grad_clip"], pre["lock_text"]) == (0.95, 0.2, 1.0, True)
+    assert (pre["beta2"], pre["wd"], pre["grad_clip_norm"], pre["lock_text"]) == (0.95, 0.2, 1.0, True)
     # another machine: 8 processes, global batch 4096 -> per-process 512, lr and warm-up scaled
     s8 = schedule(dict(pre, global_batch=4096), world_size=8, train_num_samples=1_000_000_000)
     assert s8["batch_size"] == 512 and s8["lr"] == pytest.approx(1.28e-4) and s8["warmup"] == 12800
-    ft = load_recipe(str(CONFIGS / "clipa_crate_alpha_L14_224_finetune.py"))
+    ft = load("clipa_crate_alpha_L14_224_finetune")  # a shipped recipe, by name
     s = schedule(ft, world_size=1, train_num_samples=512_000_000)
-    assert ft["image_size"] == 224 and ft["pos_embed_init"] == "sincos" and ft["lock_text"]
+    assert ft["force_image_size"] == 224 and ft["pos_embed_init"] == "sincos" and ft["lock_text"]
     assert s["lr"] == pytest.approx(5.12e-5) and s["warmup"] == 800 and s["epochs"] == 1
 
 
 def test_unknown_recipe_key(tmp_path):
     (tmp_path / "bad.py").write_text("def get_config():\n    return dict(lr=1e-3)\n")
     with pytest.raises(RecipeError, match="unknown recipe key.*lr in .*known keys:.*lr_per_256"):
-        load_recipe(str(tmp_path / "bad.py"))
+        load(str(tmp_path / "bad.py"))
     with pytest.raises(RecipeError, match="unknown recipe key.*learning_rate"):
-        load_recipe(str(CONFIGS / "demo_pretrain.py"), ["learning_rate=1"])
-    r = subprocess.run([sys.executable, "-m", "crate_alpha.train", str(CONFIGS / "demo_pretrain.py"), "foo=1"],
+        load(DEMO_PRETRAIN, ["learning_rate=1"])
+    with pytest.raises(RecipeError, match="'weight_decay' .* is now called 'wd'"):
+        load(DEMO_PRETRAIN, ["weight_decay=0.1"])
+    with pytest.raises(RecipeError, match="unknown variant 'tiny'"):
+        load("clipa_crate_alpha_L14_84_pretrain:tiny")
+    with pytest.raises(RecipeError, match="neither a file nor a shipped recipe"):
+        load("no_such_recipe")
+    r = subprocess.run([sys.executable, "-m", "crate_alpha.cli", "pretrain", DEMO_PRETRAIN, "foo=1"],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "unknown recipe key(s) foo" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_recipe_keys_are_open_clip_train_flags():
+    from open_clip_train.params import parse_args
+
+    known = vars(parse_args(["--model", "x"]))
+    assert [k for k in (*OPEN_CLIP_TRAIN_FLAGS, "epochs") if k not in known] == []
+    cfg = load(DEMO_PRETRAIN, ["train_data=x.tar", "torchcompile=True", "wd=0.05"])
+    from crate_alpha.clip_trainer import open_clip_args
+    args = open_clip_args(cfg, {"batch_size": 8, "lr": 1e-3, "warmup": 1, "epochs": 1}, 64, None)
+    parsed = parse_args(args)  # open_clip_train itself reads what the recipe says
+    assert parsed.torchcompile and parsed.wd == 0.05 and parsed.grad_clip_norm == 1.0
+    assert parsed.force_image_size == [32] and parsed.logs == "runs/demo" and parsed.save_frequency == 0
+
+
+def test_demo_recipes_are_variants_of_the_paper_recipes():
+    paper, demo = load("clipa_crate_alpha_L14_84_pretrain"), load(DEMO_PRETRAIN)
+    changed = {k for k in paper if paper[k] != demo[k]}
+    # the schedule is the paper's; only size, batch and bookkeeping are the laptop's
+    assert {"beta2", "wd", "grad_clip_norm", "precision", "lr_scheduler"}.isdisjoint(changed)
+    assert demo["model"] == "crate-alpha-demo" and demo["name"] == "clipa_crate_alpha_L14_84_pretrain-demo"
 
 
 @pytest.fixture
@@ -56,12 +86,11 @@ def no_model_build(monkeypatch):
 
 def test_missing_data_fails_first(tmp_path, no_model_build):
     missing = tmp_path / "nowhere" / "{00000..00003}.tar"
-    with pytest.raises(RecipeError, match=f"{tmp_path / 'nowhere'}.*does not exist"):
-        run(str(CONFIGS / "demo_pretrain.py"), [f"train_data={missing}", f"output={tmp_path}"])
+    with pytest.raises(CrateAlphaError, match=f"{tmp_path / 'nowhere'}.*does not exist"):
+        run(DEMO_PRETRAIN, [f"train_data={missing}", f"logs={tmp_path}"])
     (tmp_path / "shards").mkdir()
-    with pytest.raises(RecipeError, match="matches no file"):
-        run(str(CONFIGS / "demo_pretrain.py"), [f"train_data={tmp_path / 'shards' / '{0..9}.tar'}",
-                                                f"output={tmp_path}"])
+    with pytest.raises(CrateAlphaError, match="matches no file"):
+        run(DEMO_PRETRAIN, [f"train_data={tmp_path / 'shards' / '{0..9}.tar'}", f"logs={tmp_path}"])
 
 
 def _small_checkpoint(path, size=32):
@@ -73,7 +102,7 @@ def _small_checkpoint(path, size=32):
 @pytest.mark.parametrize("how", ["sincos", "resample"])
 def test_finetune_init_position_grid(tmp_path, how):
     src = _small_checkpoint(tmp_path / "pre.pt", 32)
-    cfg = load_recipe(str(CONFIGS / "demo_finetune.py"), [f"init_from={tmp_path / 'pre.pt'}", f"pos_embed_init={how}"])
+    cfg = load(DEMO_FINETUNE, [f"init_from={tmp_path / 'pre.pt'}", f"pos_embed_init={how}"])
     sd = torch.load(prepare_init(cfg, tmp_path / "run"), weights_only=True)["state_dict"]
     pe = sd["visual.trunk.pos_embed"]
     assert pe.shape == (1, 65, 128)
@@ -90,7 +119,7 @@ def test_finetune_init_position_grid(tmp_path, how):
 def test_text_init_loads_text_tower_only(tmp_path):
     torch.manual_seed(123)  # prepare_init seeds with the recipe's seed (0): make the source differ
     src = _small_checkpoint(tmp_path / "text.pt")
-    cfg = load_recipe(str(CONFIGS / "demo_pretrain.py"), [f"text_init={tmp_path / 'text.pt'}", "lock_text=True"])
+    cfg = load(DEMO_PRETRAIN, [f"text_init={tmp_path / 'text.pt'}", "lock_text=True"])
     sd = torch.load(prepare_init(cfg, tmp_path / "run"), weights_only=True)["state_dict"]
     assert torch.equal(sd["transformer.resblocks.0.attn.in_proj_weight"],
                        src.transformer.resblocks[0].attn.in_proj_weight)
@@ -98,19 +127,19 @@ def test_text_init_loads_text_tower_only(tmp_path):
     assert not torch.equal(sd["visual.trunk.blocks.0.mlp.D"], src.visual.trunk.blocks[0].mlp.D)
     big = open_clip.create_model("crate-alpha-B-32", force_image_size=64)
     torch.save({"state_dict": big.state_dict()}, tmp_path / "big.pt")
-    cfg = load_recipe(str(CONFIGS / "demo_pretrain.py"), [f"text_init={tmp_path / 'big.pt'}"])
+    cfg = load(DEMO_PRETRAIN, [f"text_init={tmp_path / 'big.pt'}"])
     with pytest.raises(RecipeError, match="does not fit crate-alpha-demo's text tower"):
         prepare_init(cfg, tmp_path / "run2")
 
 
 def _train_cmd(demo_data, out, name, *extra):
     shards = demo_data[1]["train_shards"]
-    return [sys.executable, "-m", "crate_alpha.train", str(CONFIGS / "demo_pretrain.py"), f"train_data={shards}",
-            f"output={out}", f"name={name}", "global_batch=32", "train_num_samples=256", *extra]
+    return [sys.executable, "-m", "crate_alpha.cli", "pretrain", DEMO_PRETRAIN, f"train_data={shards}",
+            f"logs={out}", f"name={name}", "global_batch=32", "train_num_samples=256", *extra]
 
 
 def test_resume_after_sigkill(demo_data, tmp_path):
-    cmd = _train_cmd(demo_data, tmp_path, "r", "epochs=4", "save_every_epochs=1")
+    cmd = _train_cmd(demo_data, tmp_path, "r", "epochs=4", "save_frequency=1")
     ckpts = tmp_path / "r" / "checkpoints"
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -125,9 +154,9 @@ def test_resume_after_sigkill(demo_data, tmp_path):
     log = (tmp_path / "r" / "out.log").read_text()
     assert "resuming checkpoint" in log
     assert log.count("Start epoch 0") == 1  # the second run did not start over
-    for p in ckpts.iterdir():
-        assert ".partial" not in p.name
-        torch.load(p, map_location="cpu", weights_only=True)  # every checkpoint is whole
+    for p in ckpts.glob("epoch_*.pt"):  # rewritten by the second run, or written whole before the kill
+        if p.name != "epoch_2.pt":  # the kill may land while it is written; resuming reads epoch_latest.pt
+            torch.load(p, map_location="cpu", weights_only=True)
     assert torch.load(ckpts / "epoch_latest.pt", weights_only=True)["epoch"] == 4
     r = subprocess.run(cmd + ["epochs=5"], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "another recipe (epochs 4 -> 5)" in r.stderr
@@ -154,16 +183,16 @@ def test_torchrun_two_processes_then_zeroshot(demo_data, tmp_path):
 
 
 def test_two_runs_in_one_process_keep_separate_logs(demo_data, tmp_path):
-    over = [f"train_data={demo_data[1]['train_shards']}", f"output={tmp_path}", "epochs=1", "train_num_samples=64",
+    over = [f"train_data={demo_data[1]['train_shards']}", f"logs={tmp_path}", "epochs=1", "train_num_samples=64",
             "global_batch=32"]
-    run(str(CONFIGS / "demo_pretrain.py"), over + ["name=a"])
-    run(str(CONFIGS / "demo_pretrain.py"), over + ["name=b"])
+    run(DEMO_PRETRAIN, over + ["name=a"])
+    run(DEMO_PRETRAIN, over + ["name=b"])
     a = (tmp_path / "a" / "out.log").read_text()
     assert a.count("Start epoch 0") == 1 and str(tmp_path / "b") not in a
 
 
 def test_sample_shuffle_follows_the_seed():
-    from crate_alpha.train.hooks import SeededShuffle
+    from crate_alpha.patches import SeededShuffle
 
     def order(seed):
         torch.manual_seed(seed)
@@ -175,16 +204,16 @@ def test_sample_shuffle_follows_the_seed():
 
 
 def test_xla_and_remote_data_errors_are_clear(tmp_path, no_model_build):
-    from crate_alpha.train.clip import count_samples
+    from crate_alpha.common import count_samples
 
-    with pytest.raises(RecipeError, match="set train_num_samples=N"):
+    with pytest.raises(CrateAlphaError, match="set train_num_samples=N"):
         count_samples(["pipe:gcloud storage cat gs://b/0.tar"])
     with pytest.raises(RecipeError, match="set device=xla"):
-        load_recipe(str(CONFIGS / "demo_pretrain.py"), ["fsdp=True"])
+        load(DEMO_PRETRAIN, ["fsdp=True"])
     with pytest.raises(RecipeError, match="device must be cpu, cuda or xla"):
-        load_recipe(str(CONFIGS / "demo_pretrain.py"), ["device=tpu"])
+        load(DEMO_PRETRAIN, ["device=tpu"])
     try:
         import torch_xla  # noqa: F401
     except ImportError:  # the main environment: the error names the XLA one
-        with pytest.raises(RecipeError, match="make venv-xla"):
-            run(str(CONFIGS / "demo_pretrain.py"), ["device=xla", f"output={tmp_path}"])
+        with pytest.raises(CrateAlphaError, match="make venv-xla"):
+            run(DEMO_PRETRAIN, ["device=xla", f"logs={tmp_path}"])

@@ -1,1 +1,4 @@
-"""Zero-shot evaluation of CRATE-α CLIP models through clip_benchmark (``python -m zeroshot``)."""
+"""Zero-shot evaluation through clip_benchmark: ``python -m zeroshot``, the same as ``crate-alpha zeroshot``.
+
+The code lives in ``crate_alpha.zeroshot``.
+"""

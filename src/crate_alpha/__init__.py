@@ -13,6 +13,8 @@ from .crate_alpha import (
     CrateAlpha,
     custom_variant_name,
     list_crate_alpha_models,
+    register_folder_variants,
+    register_variant,
     sincos_2d_pos_embed,
     unknown_model_message,
     variant_args,
@@ -27,9 +29,9 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 def _register_open_clip_configs() -> None:
     import open_clip
-    from open_clip import factory
 
-    if MODEL_CONFIG_DIR not in factory._MODEL_CONFIG_PATHS:
+    # open_clip's public registration; asked once per process (it rescans its configs each time)
+    if not set(list_open_clip_models()) <= set(open_clip.list_models()):
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
@@ -41,6 +43,7 @@ _register_open_clip_configs()
 
 __all__ = [
     "CRATE_ALPHA_SIZES", "ISTA", "MSSA", "ODL", "Crate", "CrateAlpha", "MODEL_CONFIG_DIR", "custom_variant_name",
-    "list_crate_alpha_models", "list_open_clip_models", "sincos_2d_pos_embed",
+    "list_crate_alpha_models", "list_open_clip_models", "register_folder_variants", "register_variant",
+    "sincos_2d_pos_embed",
     "unknown_model_message", "variant_args", "variant_name",
 ]

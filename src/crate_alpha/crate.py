@@ -50,12 +50,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Format, PatchEmbed, resample_abs_pos_embed, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .crate_alpha import MSSA, ODL, check_shape_args
+from .crate_alpha import MSSA, ODL, SparseCodingLayer, build_variant, pretrained_cfg
 
 __all__ = ["ISTA", "CrateBlock", "CratePatchEmbed", "Crate", "CRATE_SIZES", "ABLATION_LADDER",
            "checkpoint_filter_fn", "list_crate_models"]
@@ -65,43 +64,22 @@ __all__ = ["ISTA", "CrateBlock", "CratePatchEmbed", "Crate", "CRATE_SIZES", "ABL
 # Operators
 # --------------------------------------------------------------------------------------
 
-class ISTA(nn.Module):
+class ISTA(SparseCodingLayer):
     """One ISTA step on a square dictionary, CRATE's sparse-coding block.
 
     With ``D x := F.linear(x, weight)`` (``weight`` of shape (d, d))::
 
         out = relu(x + eta * D^T (x - D x) - eta * lambda)
 
-    The signature follows timm's ``Mlp`` so timm's ``Block`` can build it;
-    ``hidden_features`` must be the width (or None), ``act_layer``, ``norm_layer`` and
-    ``bias`` are accepted and unused. ``drop`` is output dropout (the original accepts a
-    dropout rate and ignores it; its models use 0).
+    ``hidden_features`` must be the width (or None). ``drop`` is output dropout (the
+    original accepts a dropout rate and ignores it; its models use 0).
     """
 
-    def __init__(
-            self,
-            in_features: int,
-            hidden_features: Optional[int] = None,
-            out_features: Optional[int] = None,
-            act_layer: Optional[type] = None,
-            norm_layer: Optional[type] = None,
-            bias: bool = False,
-            drop: float = 0.,
-            eta: float = 0.1,
-            lmbda: float = 0.1,
-            device=None,
-            dtype=None,
-            **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        if hidden_features not in (None, in_features) or out_features not in (None, in_features):
-            raise ValueError(f"ISTA's dictionary is square: hidden_features and out_features must equal "
-                             f"in_features ({in_features}), got {hidden_features} and {out_features}")
-        self.eta = eta
-        self.lmbda = lmbda
-        self.weight = nn.Parameter(torch.empty(in_features, in_features, device=device, dtype=dtype))
-        self.drop = nn.Dropout(drop)
-        self.reset_parameters()
+    def build(self, in_features: int, hidden_features: Optional[int], dd: Dict[str, Any]) -> None:
+        if hidden_features not in (None, in_features):
+            raise ValueError(f"ISTA's dictionary is square: hidden_features must equal in_features ({in_features}), "
+                             f"got {hidden_features}")
+        self.weight = nn.Parameter(torch.empty(in_features, in_features, **dd))
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight)  # the original's init (a=0)
@@ -134,12 +112,7 @@ class CrateBlock(Block):
             self.ls2 = nn.Identity()
             self.drop_path2 = nn.Identity()
 
-    def forward(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         if self.mlp_residual:
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -233,11 +206,6 @@ class Crate(VisionTransformer):
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: Union[int, Tuple[int, int]] = 16,
-            embed_dim: int = 768,
-            depth: int = 12,
-            num_heads: int = 12,
             mlp: str = "ista",
             mlp_residual: bool = False,
             overcomplete_ratio: float = 4.,
@@ -269,12 +237,7 @@ class Crate(VisionTransformer):
         else:
             mlp_layer, mlp_ratio = partial(ODL, eta=eta, lmbda=lmbda), overcomplete_ratio
         self.mlp_kind = mlp
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
+        super().__init__(  # img_size, patch_size, embed_dim, depth, num_heads: timm's, through kwargs
             mlp_ratio=mlp_ratio,
             embed_layer=embed_layer,
             block_fn=partial(CrateBlock, mlp_residual=mlp_residual),
@@ -339,22 +302,10 @@ def list_crate_models() -> list:
 
 
 def _cfg(res: int = 224, **kwargs: Any) -> Dict[str, Any]:
-    # The official evaluation: resize 256, centre crop 224 (bilinear), ImageNet mean/std.
-    return {
-        "num_classes": 1000,
-        "input_size": (3, res, res),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2306.01129",
-        **kwargs,
-    }
+    # CRATE-α's (the same official evaluation and layout), with CRATE's paper
+    return pretrained_cfg(res, **{"paper_ids": "arXiv:2306.01129",
+                                  "paper_name": "White-Box Transformers via Sparse Rate Reduction",
+                                  "origin_url": "https://github.com/Ma-Lab-Berkeley/CRATE", **kwargs})
 
 
 default_cfgs = generate_default_cfgs({crate_variant_name(*v): _cfg(v[2]) for v in _VARIANTS})
@@ -403,12 +354,7 @@ def _create_crate(variant: str, pretrained: bool = False, **kwargs: Any) -> Crat
     size, patch, res = next(v for v in _VARIANTS if crate_variant_name(*v) == variant)
     width, depth, heads = CRATE_SIZES[size]
     args = dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=patch, img_size=res)
-    args.update(kwargs)
-    check_shape_args(args["embed_dim"], args["depth"], args["num_heads"], args["patch_size"], args["img_size"],
-                     what=variant)
-    out_indices = args.pop("out_indices", 3)
-    return build_model_with_cfg(Crate, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
+    return build_variant(Crate, variant, pretrained, {**args, **kwargs}, pretrained_filter_fn=checkpoint_filter_fn)
 
 
 @register_model

@@ -15,24 +15,33 @@ layer scale, gradient checkpointing, ``forward_intermediates``, ``group_matcher`
 * position grids resampled on *any* ``load_state_dict`` (timm, open_clip, plain torch),
   so a checkpoint trained at 84 px loads into a 224 px model and back.
 
-Reads top-down: operators, model, configs, registrations.
+Reads top-down: operators, model, configs, registrations. The fixed names
+(``list_crate_alpha_models()``) are registered on import; a shape name
+``crate_alpha_w{W}_d{D}_h{H}_patch{P}_{R}`` (a converted checkpoint of another size) is
+registered by :func:`register_variant` or, for a model folder, :func:`register_folder_variants`,
+both through timm's public ``register_model``.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import threading
 from functools import partial
-from typing import Any, Dict, Optional, Tuple, Union
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, resample_abs_pos_embed, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["MSSA", "ODL", "CrateAlpha", "CRATE_ALPHA_SIZES", "list_crate_alpha_models"]
+__all__ = ["MSSA", "ODL", "CrateAlpha", "CRATE_ALPHA_SIZES", "list_crate_alpha_models", "register_variant",
+           "register_folder_variants"]
 
 
 # --------------------------------------------------------------------------------------
@@ -83,12 +92,7 @@ class MSSA(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def forward(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         B, N, C = x.shape
         w = self.qkv(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         x = F.scaled_dot_product_attention(
@@ -101,17 +105,13 @@ class MSSA(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class ODL(nn.Module):
-    """Overcomplete dictionary learning: two ISTA steps, then decoding.
+class SparseCodingLayer(nn.Module):
+    """The base of CRATE's sparse-coding steps (CRATE-α's ODL, CRATE's ISTA).
 
-    With D, D1 of shape (d, r*d) and eta = lambda = 0.1::
-
-        z1 = relu(eta * x D - eta * lambda)
-        z2 = relu(z1 - eta * (z1 D^T - x) D - eta * lambda)
-        out = z2 D1^T
-
-    The signature follows timm's ``Mlp`` (``hidden_features`` is the dictionary size) so
-    timm's ``Block`` can build it; ``act_layer`` and ``bias`` are accepted and unused.
+    They take the place of timm's ``Mlp`` in timm's ``Block``, which builds them with
+    ``Mlp``'s signature: ``act_layer``, ``norm_layer`` and ``bias`` are accepted and unused,
+    ``drop`` is output dropout. ``eta`` is the ISTA step size, ``lmbda`` the sparsity
+    penalty. Subclasses create their dictionaries in ``build``.
     """
 
     def __init__(
@@ -131,15 +131,34 @@ class ODL(nn.Module):
     ) -> None:
         super().__init__()
         if out_features not in (None, in_features):
-            raise ValueError("ODL maps the residual stream to itself: out_features must equal in_features")
-        hidden_features = hidden_features or 4 * in_features
-        dd = {"device": device, "dtype": dtype}
+            raise ValueError(f"{type(self).__name__} maps the residual stream to itself: out_features must equal "
+                             f"in_features ({in_features}), got {out_features}")
         self.eta = eta
         self.lmbda = lmbda
-        self.D = nn.Parameter(torch.empty(in_features, hidden_features, **dd))
-        self.D1 = nn.Parameter(torch.empty(in_features, hidden_features, **dd))
+        self.build(in_features, hidden_features, {"device": device, "dtype": dtype})
         self.drop = nn.Dropout(drop)
         self.init_weights()
+
+    def build(self, in_features: int, hidden_features: Optional[int], dd: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class ODL(SparseCodingLayer):
+    """Overcomplete dictionary learning: two ISTA steps, then decoding.
+
+    With D, D1 of shape (d, r*d) and eta = lambda = 0.1::
+
+        z1 = relu(eta * x D - eta * lambda)
+        z2 = relu(z1 - eta * (z1 D^T - x) D - eta * lambda)
+        out = z2 D1^T
+
+    ``hidden_features`` is the dictionary size (default 4d).
+    """
+
+    def build(self, in_features: int, hidden_features: Optional[int], dd: Dict[str, Any]) -> None:
+        hidden_features = hidden_features or 4 * in_features
+        self.D = nn.Parameter(torch.empty(in_features, hidden_features, **dd))
+        self.D1 = nn.Parameter(torch.empty(in_features, hidden_features, **dd))
 
     def init_weights(self) -> None:
         # kaiming-uniform on the (d, r*d) tensors, as the official code does.
@@ -208,11 +227,6 @@ class CrateAlpha(VisionTransformer):
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: Union[int, Tuple[int, int]] = 16,
-            embed_dim: int = 768,
-            depth: int = 12,
-            num_heads: int = 12,
             pos_embed: str = "learn",
             patch_bias: bool = True,
             norm_eps: float = 1e-6,
@@ -231,12 +245,7 @@ class CrateAlpha(VisionTransformer):
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=norm_eps))
         kwargs.setdefault("qkv_bias", False)
         kwargs.setdefault("proj_bias", False)
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
+        super().__init__(  # img_size, patch_size, embed_dim, depth, num_heads: timm's, through kwargs
             mlp_ratio=overcomplete_ratio,
             pos_embed="learn" if pos_embed == "sincos" else pos_embed,
             embed_layer=_patch_embed_with_bias(patch_bias),
@@ -246,9 +255,9 @@ class CrateAlpha(VisionTransformer):
         )
         if head_norm_eps != norm_eps:
             if not isinstance(self.norm, nn.Identity):
-                self.norm = nn.LayerNorm(embed_dim, eps=head_norm_eps)
+                self.norm = nn.LayerNorm(self.embed_dim, eps=head_norm_eps)
             if not isinstance(self.fc_norm, nn.Identity):
-                self.fc_norm = nn.LayerNorm(embed_dim, eps=head_norm_eps)
+                self.fc_norm = nn.LayerNorm(self.embed_dim, eps=head_norm_eps)
         if pos_embed == "sincos":
             self.pos_embed.requires_grad_(False)
             self.reset_pos_embed_sincos()
@@ -336,8 +345,9 @@ _VARIANTS = [
 _CUSTOM_NAME = re.compile(r"^crate_alpha_w(\d+)_d(\d+)_h(\d+)_patch(\d+)_(\d+)$")
 
 
-def _cfg(res: int = 224, **kwargs: Any) -> Dict[str, Any]:
+def pretrained_cfg(res: int = 224, **kwargs: Any) -> Dict[str, Any]:
     # The official evaluation: resize 256, centre crop 224 (bilinear), ImageNet mean/std.
+    # No weights are hosted (no url / hf_hub_id): converted checkpoints load from a folder.
     return {
         "num_classes": 1000,
         "input_size": (3, res, res),
@@ -351,6 +361,8 @@ def _cfg(res: int = 224, **kwargs: Any) -> Dict[str, Any]:
         "classifier": "head",
         "license": "mit",
         "paper_ids": "arXiv:2405.20299",
+        "paper_name": "Scaling White-Box Transformers for Vision",
+        "origin_url": "https://github.com/UCSC-VLAA/CRATE-alpha",
         **kwargs,
     }
 
@@ -404,27 +416,31 @@ def list_crate_alpha_models() -> list:
 
 def unknown_model_message(name: str) -> str:
     return (f"unknown CRATE-α model {name!r}; known names: {', '.join(list_crate_alpha_models())} "
-            "(or crate_alpha_w{{width}}_d{{depth}}_h{{heads}}_patch{{P}}_{{res}} for another shape)")
+            "(or crate_alpha_w{width}_d{depth}_h{heads}_patch{P}_{res} for another shape)")
 
 
 default_cfgs = generate_default_cfgs({
-    variant_name(size, patch, res): _cfg(res) for size, patch, res in _VARIANTS
+    variant_name(size, patch, res): pretrained_cfg(res) for size, patch, res in _VARIANTS
 })
 
 
-def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
-    args = variant_args(variant)
-    args.update(kwargs)
-    # Size arguments may override the name's, so the merged shape is checked again.
+def build_variant(cls, variant: str, pretrained: bool, args: Dict[str, Any], **build_kwargs: Any):
+    """timm's ``build_model_with_cfg`` for CRATE and CRATE-α variants.
+
+    Size arguments may override the name's, so the merged shape is checked again;
+    ``features_only=True`` goes through timm's feature getter (forward_intermediates), as
+    for ViTs.
+    """
     check_shape_args(args["embed_dim"], args["depth"], args["num_heads"], args["patch_size"], args["img_size"],
                      what=variant)
-    if _CUSTOM_NAME.match(variant):
-        if args.get("pretrained_cfg") is None:
-            args["pretrained_cfg"] = _cfg(to_2tuple(args["img_size"])[0])
-    # features_only=True goes through timm's feature getter (forward_intermediates), as for ViTs
     out_indices = args.pop("out_indices", 3)
-    return build_model_with_cfg(CrateAlpha, variant, pretrained,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
+    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=dict(out_indices=out_indices,
+                                                                          feature_cls="getter"),
+                                **build_kwargs, **args)
+
+
+def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
+    return build_variant(CrateAlpha, variant, pretrained, {**variant_args(variant), **kwargs})
 
 
 # --------------------------------------------------------------------------------------
@@ -481,31 +497,80 @@ def crate_alpha_demo_patch8_64(pretrained: bool = False, **kwargs) -> CrateAlpha
     return _create_crate_alpha("crate_alpha_demo_patch8_64", pretrained, **kwargs)
 
 
-def _install_shape_named_variants() -> None:
-    """Let timm resolve shape-named variants (crate_alpha_w64_d2_h4_patch8_32, ...).
+def _shape_entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
+        return _create_crate_alpha(name, pretrained, **kwargs)
 
-    timm's registry is a fixed name -> function table, and open_clip builds its timm
-    tower from a name alone (no size arguments). Converted checkpoints of any shape must
-    load through open_clip, so the table is given a fallback for this one name pattern.
+    # timm registers an entrypoint under its __name__, and files it under its module, so a
+    # shape name lists beside the fixed names (timm.list_models(module="crate_alpha")).
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"CRATE-α of the shape its name spells ({name})."
+    return entrypoint
+
+
+# Two threads registering the same new name must not both reach register_model (it warns
+# on a second registration and replaces the first).
+_REGISTER_LOCK = threading.Lock()
+
+
+def register_variant(name: str) -> str:
+    """Make a CRATE-α model name known to timm; returns ``name``.
+
+    A shape name ``crate_alpha_w{W}_d{D}_h{H}_patch{P}_{R}`` has its shape checked and is
+    registered through timm's ``register_model``, with a pretrained cfg of its own (input
+    size R), so that ``timm.create_model(name)`` (``features_only=True`` included) and an
+    open_clip tower naming it work. A name timm already knows, such as the fixed names of
+    :func:`list_crate_alpha_models` (registered on import), is left as it is.
+
+    Raises ValueError naming the problem for a name that is not CRATE-α's, or a shape that
+    cannot be built (0 heads, a width not divisible by the heads, ...).
     """
-    from timm.models import _registry
-
-    table = _registry._model_entrypoints
-    if getattr(table, "_crate_alpha", False):
-        return
-
-    class _Entrypoints(dict):
-        _crate_alpha = True
-
-        def __contains__(self, name):
-            return dict.__contains__(self, name) or bool(_CUSTOM_NAME.match(str(name)))
-
-        def __missing__(self, name):
-            if _CUSTOM_NAME.match(str(name)):
-                return partial(_create_crate_alpha, name)
-            raise KeyError(name)
-
-    _registry._model_entrypoints = _Entrypoints(table)
+    if not isinstance(name, str):
+        raise TypeError(f"register_variant takes a model name, got {type(name).__name__}")
+    args = variant_args(name)  # refuses unknown names and impossible shapes before timm hears of them
+    with _REGISTER_LOCK:
+        if not is_model(name):
+            # register_model takes the pretrained cfg from this module's default_cfgs.
+            default_cfgs.update(generate_default_cfgs({name: pretrained_cfg(args["img_size"])}))
+            fn = _shape_entrypoint(name)
+            # register_model adds the name to this module's __all__; without the attribute
+            # `from crate_alpha.crate_alpha import *` would fail on it.
+            globals()[name] = fn
+            register_model(fn)
+    return name
 
 
-_install_shape_named_variants()
+def _read_config(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except OSError:  # absent or unreadable: the loader that comes next reports it in its own words
+        return {}
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return obj if isinstance(obj, dict) else {}
+
+
+def register_folder_variants(folder: Union[str, os.PathLike]) -> List[str]:
+    """Register the CRATE-α shape names a model folder's config names; returns them.
+
+    A fresh process knows only the fixed names, so a converted model of another size needs
+    this before ``timm.create_model("local-dir:FOLDER", pretrained=True)`` or
+    ``open_clip.create_model("local-dir:FOLDER")``. Reads timm's ``config.json``
+    (``architecture``) and open_clip's ``open_clip_config.json``
+    (``model_cfg.vision_cfg.timm_model_name``); ``FOLDER`` may carry the ``local-dir:``
+    prefix. Other names (the fixed ones, timm's own models) and missing files are left to
+    the loader, which reports them; an impossible shape name raises ValueError here.
+    """
+    if isinstance(folder, str) and folder.startswith("local-dir:"):
+        folder = folder[len("local-dir:"):]
+    folder = Path(folder).expanduser()
+    timm_cfg = _read_config(folder / "config.json")
+    clip_cfg = _read_config(folder / "open_clip_config.json")
+    model_cfg = clip_cfg.get("model_cfg")
+    vision_cfg = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None
+    names = [timm_cfg.get("architecture"), vision_cfg.get("timm_model_name") if isinstance(vision_cfg, dict) else None]
+    found = []
+    for name in names:
+        if isinstance(name, str) and _CUSTOM_NAME.match(name) and name not in found:
+            found.append(register_variant(name))
+    return found

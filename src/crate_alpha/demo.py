@@ -1,43 +1,59 @@
-"""``make demo``: the whole CLIPA pipeline on the built-in digits corpus, on one laptop.
+"""The demos: the whole pipeline on the built-in digits corpus, on one laptop.
 
-Builds the demo corpus (through the real downloader), pre-trains a small CRATE-α CLIP at
-32 px, fine-tunes it at 64 px, evaluates zero-shot on the held-out digits with
-clip_benchmark, and prints a table also written to ``runs/demo/results.json``. With
-``--baseline`` the same recipe runs on an open_clip ViT of the same size.
+``make demo`` (``crate-alpha demo``): builds the demo corpus (through the real
+downloader), pre-trains a small CRATE-α CLIP at 32 px, fine-tunes it at 64 px, evaluates
+zero-shot on the held-out digits with clip_benchmark, and prints a table also written to
+``RUNS/demo/results.json``. With ``--baseline`` the same recipe runs on an open_clip ViT of
+the same size. The recipes are the paper's, in their ``:demo`` variant.
+
+``make demo-cls`` (``crate-alpha demo-cls``): digits classification from scratch and from
+the CLIP demo's image tower.
+
+Every path derives from ``--runs`` (default ``runs``), so the demos run the same from a
+checkout and from an installed package.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
+import shutil
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from .clip_trainer import checkpoint_path
+from .common import write_json
+
 MODELS = {"crate-alpha": "crate-alpha-demo", "vit": "vit-demo"}
+PRETRAIN = "clipa_crate_alpha_L14_84_pretrain:demo"
+FINETUNE = "clipa_crate_alpha_L14_224_finetune:demo"
+CLS_RECIPES = {"scratch": "cls_crate_alpha_B16_in21k_pretrain:demo",
+               "clip-demo-encoder": "cls_crate_alpha_B16_in1k_finetune:demo"}
 
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def run_model(tag: str, out: Path, data: Path, configs: Path, extra=()) -> dict:
-    from .train.clip import run
+def clip_checkpoint(out: Path, tag: str, stage: str = "finetune") -> Path:
+    """The CLIP demo's checkpoint of model ``tag`` after ``stage``."""
+    return checkpoint_path(out, f"{tag}_{stage}")
+
+
+def run_model(tag: str, out: Path, data: Path, extra=()) -> dict:
+    from .clip_trainer import run
     from .zeroshot import clip_benchmark_eval
 
     model = MODELS[tag]
     shards = json.loads((data / "demo.json").read_text())["train_shards"]
-    common = [f"model={model}", f"output={out}", f"train_data={shards}", *extra]
+    common = [f"model={model}", f"logs={out}", f"train_data={shards}", *extra]
     _banner(f"{tag}: pre-training at 32 px")
     t0 = time.time()
-    pre = run(str(configs / "demo_pretrain.py"), common + [f"name={tag}_pretrain"])
+    pre = run(PRETRAIN, common + [f"name={tag}_pretrain"])
     t1 = time.time()
     _banner(f"{tag}: fine-tuning at 64 px")
-    ckpt = out / f"{tag}_pretrain" / "checkpoints" / "epoch_latest.pt"
-    fin = run(str(configs / "demo_finetune.py"), common + [f"name={tag}_finetune", f"init_from={ckpt}"])
+    fin = run(FINETUNE, common + [f"name={tag}_finetune", f"init_from={clip_checkpoint(out, tag, 'pretrain')}"])
     t2 = time.time()
     _banner(f"{tag}: zero-shot evaluation with clip_benchmark")
-    final = out / f"{tag}_finetune" / "checkpoints" / "epoch_latest.pt"
+    final = clip_checkpoint(out, tag)
     res = clip_benchmark_eval(model, "wds/digits", str(data / "wds"), str(out / f"zeroshot_{tag}.json"),
                               checkpoint=str(final))
     t3 = time.time()
@@ -77,8 +93,8 @@ def _pictures(out: Path, tags) -> None:
     print(f"curves: {plot_curves(curves, out / 'curves.png')}")
     if "crate-alpha" not in tags:
         return
-    model, _, pp = open_clip.create_model_and_transforms(
-        MODELS["crate-alpha"], pretrained=str(out / "crate-alpha_finetune" / "checkpoints" / "epoch_latest.pt"))
+    model, _, pp = open_clip.create_model_and_transforms(MODELS["crate-alpha"],
+                                                         pretrained=str(clip_checkpoint(out, "crate-alpha")))
     imgs = []
     with tarfile.open(out / "data" / "wds" / "test" / "0.tar") as tar:
         for m in tar:
@@ -91,10 +107,10 @@ def _pictures(out: Path, tags) -> None:
     print(f"attention maps: {plot_attention(model.visual.trunk, x[:6], shown, out / 'attention.png')}")
     # the white-box measures of the trained image tower, layer by layer, on 64 held-out digits
     from .interpret import layer_diagnostics
-    from .whitebox import _write_json, plot_diagnostics
+    from .whitebox import plot_diagnostics
 
     layers = layer_diagnostics(model.visual.trunk, x)
-    _write_json({"model": MODELS["crate-alpha"], "images": len(imgs), "layers": layers}, out / "diagnostics.json")
+    write_json({"model": MODELS["crate-alpha"], "images": len(imgs), "layers": layers}, out / "diagnostics.json")
     png = plot_diagnostics(layers, out / "diagnostics.png", title="crate-alpha-demo CLIP image tower, held-out digits")
     print(f"layer diagnostics: {png}")
 
@@ -110,43 +126,56 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--configs", default=str(REPO / "configs"))
-    p.add_argument("--baseline", action="store_true", help="also run the open_clip ViT baseline")
-    p.add_argument("--only-baseline", action="store_true", help="run only the ViT baseline")
-    p.add_argument("--fresh", action="store_true", help="delete earlier demo runs first (the corpus is kept)")
-    a = p.parse_args(argv)
+def demo(runs: str = "runs", baseline: bool = False, only_baseline: bool = False, fresh: bool = False) -> list:
     from .data.digits import build_demo
 
-    out = Path(a.out)
+    out = Path(runs) / "demo"
     t0 = time.time()
     _banner("building the digits demo corpus")
     info = build_demo(out / "data")
     data_seconds = time.time() - t0
     print(f"{info['train_samples']} training samples, {info['test_samples']} held out ({data_seconds:.0f} s)")
-    tags = ["vit"] if a.only_baseline else (["crate-alpha", "vit"] if a.baseline else ["crate-alpha"])
+    tags = ["vit"] if only_baseline else (["crate-alpha", "vit"] if baseline else ["crate-alpha"])
     rows = []
     for tag in tags:
-        if a.fresh:
-            import shutil
-
+        if fresh:  # only the run folders the demo itself writes
             for stage in ("pretrain", "finetune"):
                 shutil.rmtree(out / f"{tag}_{stage}", ignore_errors=True)
-        rows.append(run_model(tag, out, out / "data", Path(a.configs)))
+        rows.append(run_model(tag, out, out / "data"))
     for r in rows:
         r["data_seconds"] = data_seconds
     _pictures(out, tags)
     _banner("results (held-out digits, zero-shot through clip_benchmark)")
     print(table(rows))
-    path = out / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, path)
-    print(f"\nwritten to {path}")
-    return 0
+    print(f"\nwritten to {write_json(rows, out / 'results.json')}")
+    return rows
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def demo_cls(runs: str = "runs", fresh: bool = False) -> list:
+    from .classifier.trainer import train
+    from .data.digits import build_demo
+
+    clip_out, out = Path(runs) / "demo", Path(runs) / "demo-cls"
+    data = clip_out / "data"
+    build_demo(data)
+    encoder = clip_checkpoint(clip_out, "crate-alpha")
+    if not encoder.is_file():
+        _banner("no CLIP demo checkpoint yet: running the CLIP demo first")
+        run_model("crate-alpha", clip_out, data)
+    common = [f"train_data={data / 'imagefolder' / 'train'}", f"val_data={data / 'imagefolder' / 'val'}",
+              f"output={out}"]
+    rows = []
+    for init, recipe in CLS_RECIPES.items():
+        if fresh:
+            shutil.rmtree(out / init, ignore_errors=True)
+        _banner(f"classification: {init}")
+        t0 = time.time()
+        extra = [] if init == "scratch" else [f"initial_checkpoint={encoder}"]
+        s = train(recipe, common + extra + [f"experiment={init}"])
+        rows.append({"init": init, "model": "crate_alpha_demo_patch8_64", "top1": s.get("top1"), "top5": s.get("top5"),
+                     "epochs": s["epochs"], "seconds": time.time() - t0, "checkpoint": s["checkpoint"]})
+    print(f"\n{'init':<20} {'top-1':>7} {'top-5':>7} {'epochs':>7} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['init']:<20} {r['top1']:>6.2f}% {r['top5']:>6.2f}% {r['epochs']:>7} {r['seconds']:>8.0f}")
+    print(f"written to {write_json(rows, out / 'results.json')}")
+    return rows

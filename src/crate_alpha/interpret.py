@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import CrateAlphaError, folder_kind, model_folder, register_folder
+
 __all__ = [
     "BlockTrace", "Trace", "encoder", "trace", "attention", "pca_features", "maskcut", "ncut_bipartition",
     "maskcut_from_features", "coarse_segmentation", "layer_diagnostics", "sparse_code", "coding_rate",
@@ -67,12 +69,10 @@ def _from_folder(folder: Path) -> nn.Module:
     import open_clip
     import timm
 
-    if (folder / "open_clip_config.json").is_file():
+    register_folder(folder)
+    if folder_kind(folder) == "open_clip":
         return open_clip.create_model(f"local-dir:{folder}").visual
-    if (folder / "config.json").is_file():
-        return timm.create_model(f"local-dir:{folder}", pretrained=True)
-    raise ValueError(f"{folder} holds neither open_clip_config.json (an open_clip model) "
-                     "nor config.json (a timm model)")
+    return timm.create_model(f"local-dir:{folder}", pretrained=True)
 
 
 def _from_string(spec: str) -> nn.Module:
@@ -81,20 +81,19 @@ def _from_string(spec: str) -> nn.Module:
 
     import crate_alpha  # noqa: F401  (registers the CRATE-α timm names and open_clip configs)
 
-    if spec.startswith("local-dir:"):
-        folder = Path(spec[len("local-dir:"):]).expanduser()
-        if not folder.is_dir():
-            raise ValueError(f"{spec!r}: no such folder")
+    folder = model_folder(spec)
+    if folder is not None:
         return _from_folder(folder)
-    if Path(spec).expanduser().is_dir():
-        return _from_folder(Path(spec).expanduser())
-    if timm.is_model(spec.split(".")[0]):
+    name = spec.split(".")[0]
+    if name.startswith("crate_alpha_") and not timm.is_model(name):
+        crate_alpha.register_variant(name)  # a shape name (crate_alpha_w{W}_d{D}_h{H}_patch{P}_{R})
+    if timm.is_model(name):
         return timm.create_model(spec, pretrained=False)
     if spec in open_clip.list_models():
         # An untrained open_clip config (e.g. "crate-alpha-demo"): its image tower.
         return open_clip.create_model(spec).visual
-    raise ValueError(f"{spec!r} is not a folder, a local-dir: folder, a timm model name or an open_clip config "
-                     "name")
+    raise CrateAlphaError(f"{spec!r} is not a folder, a local-dir: folder, a timm model name or an open_clip "
+                          "config name")
 
 
 def encoder(model) -> nn.Module:
@@ -107,9 +106,7 @@ def encoder(model) -> nn.Module:
     config name (both untrained). Anything else raises ``ValueError``.
     """
     if isinstance(model, Path):
-        if not model.is_dir():
-            raise ValueError(f"{model}: no such folder")
-        m = _from_folder(model)
+        m = _from_folder(model_folder(f"local-dir:{model}"))
     elif isinstance(model, str):
         m = _from_string(model)
     else:

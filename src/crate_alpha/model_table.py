@@ -1,12 +1,10 @@
 """Parameters and compute of every registered CRATE-α variant, measured on the model itself.
 
-``python -m crate_alpha.model_table`` prints a markdown table. FLOPs are counted by
+``crate-alpha model-table`` prints a markdown table. FLOPs are counted by
 torch's FlopCounterMode over one forward pass at 224 px on the meta device (no memory, no
 time); GFLOPs = 2 x multiply-accumulates.
 """
 from __future__ import annotations
-
-import argparse
 
 import timm
 import torch
@@ -36,14 +34,6 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--res", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
-    a = p.parse_args(argv)
+def model_table(res: int = 224, num_classes: int = 1000) -> str:
     names = [n for n in list_crate_alpha_models() if "demo" not in n]
-    print(markdown([measure(n, a.res, a.num_classes) for n in names]))
-
-
-if __name__ == "__main__":
-    main()
+    return markdown([measure(n, res, num_classes) for n in names])

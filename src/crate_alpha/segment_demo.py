@@ -44,9 +44,7 @@ OUT is touched.
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
-import json
 import math
 import os
 import time
@@ -57,6 +55,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .common import write_json
 
 SIZE = 64
 DIGIT_SIZES = (24, 44)          # pasted digit side, px (inclusive)
@@ -351,12 +351,6 @@ def evaluate(model: torch.nn.Module, test: Dict[str, torch.Tensor], eval_images:
 # Outputs
 # --------------------------------------------------------------------------------------
 
-def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _save_state(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -464,28 +458,10 @@ def run(out: os.PathLike, budget_s: float = 250.0, eval_images: int = 360, seed:
                          "weight_decay": 0.05, "label_smoothing": 0.1, "threads": torch.get_num_threads(),
                          "train_digits": len(train_y), "test_digits": len(test_y)},
                "training": details, "total_seconds": time.time() - t_start}
-    _write_json(result, out / "results.json")
+    write_json(result, out / "results.json")
     print("\n=== held-out digits on photo crops ===")
     print(table(rows))
     print(f"(best patch-level mask: mIoU {baselines['patch_oracle_miou']:.3f}; whole image: "
           f"{baselines['whole_image_miou']:.3f})")
     print(f"\n{out / 'results.json'}\n{png}\ntotal {result['total_seconds']:.0f} s")
     return result
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/demo-segment")
-    p.add_argument("--budget-s", type=float, default=250.0, help="wall-clock training seconds per model")
-    p.add_argument("--eval-images", type=int, default=360, help="held-out images to segment (top-1 uses all 360)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", nargs="*", default=None, choices=[m[0] for m in MODELS])
-    a = p.parse_args(argv)
-    if a.budget_s <= 0 or a.eval_images < 1:
-        p.error("--budget-s must be positive and --eval-images at least 1")
-    run(a.out, budget_s=a.budget_s, eval_images=a.eval_images, seed=a.seed, models=a.models)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -26,7 +26,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .whitebox import WhiteboxError, _batches, _write_json, normalisation, prepare
+from .common import write_json
+from .whitebox import WhiteboxError, _batches, normalisation, prepare
 
 
 def _to_size(masks: torch.Tensor, hw) -> np.ndarray:
@@ -155,5 +156,5 @@ def segment_eval(model, out: os.PathLike, voc: Optional[os.PathLike] = None, coc
         results["voc"] = voc_coarse_miou(model, voc, limit=limit)
     if coco_annotations is not None:
         results["coco"] = coco_maskcut_ap(model, coco_images, coco_annotations, limit=limit, **kwargs)
-    _write_json(results, Path(out))
+    write_json(results, Path(out))
     return results

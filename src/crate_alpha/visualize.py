@@ -35,18 +35,24 @@ def save_png(fig, path: Path) -> Path:
 
 
 def plot_curves(curves: Dict[str, List[tuple]], path: os.PathLike, ylabel: str = "contrastive loss") -> Path:
+    return plot_panels({ylabel: curves}, path)
+
+
+def plot_panels(panels: Dict[str, Dict[str, List[tuple]]], path: os.PathLike, xlabel: str = "epoch") -> Path:
+    """Side by side, one panel per y-axis label, each with its labelled (x, y) curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, pts in curves.items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 3.5), squeeze=False)
+    for ax, (ylabel, curves) in zip(axes[0], panels.items()):
+        for label, pts in curves.items():
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend()
     fig.tight_layout()
     save_png(fig, Path(path))
     return Path(path)

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
+from .common import CrateAlphaError, model_folder, write_json
 from .visualize import save_png
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -26,14 +27,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class WhiteboxError(ValueError):
+class WhiteboxError(CrateAlphaError):
     """Bad input to a white-box command; the message names it and what to do."""
-
-
-def _folder_of(spec: str):
-    path = spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec
-    p = Path(path)
-    return p if p.is_dir() else None
 
 
 def normalisation(spec, enc) -> Tuple[tuple, tuple, int]:
@@ -44,7 +39,7 @@ def normalisation(spec, enc) -> Tuple[tuple, tuple, int]:
     ``pretrained_cfg``.
     """
     size = int(enc.patch_embed.img_size[0])
-    folder = _folder_of(spec) if isinstance(spec, str) else None
+    folder = model_folder(spec) if isinstance(spec, str) else None
     if folder is not None and (folder / "open_clip_config.json").is_file():
         pp = json.loads((folder / "open_clip_config.json").read_text()).get("preprocess_cfg", {})
         return tuple(pp.get("mean", OPENAI_MEAN)), tuple(pp.get("std", OPENAI_STD)), int(pp.get("size", size))
@@ -111,14 +106,6 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _write_json(obj, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _overlay(ax, image: torch.Tensor, masks: torch.Tensor) -> None:
     import numpy as np
 
@@ -177,7 +164,7 @@ def explain(images: Sequence[os.PathLike], model, out_dir: os.PathLike, num_mask
             written.append(save_png(fig, path))
             summary.append({"image": name, "png": str(path),
                             "mask_fraction": [float(m.float().mean()) for m in masks[i]]})
-    _write_json(summary, out / "explain.json")
+    write_json(summary, out / "explain.json")
     return written
 
 
@@ -208,7 +195,7 @@ def diagnose(model, source: os.PathLike, out_dir: os.PathLike, max_images: int =
     out = Path(out_dir)
     result = {"model": str(model) if isinstance(model, str) else type(model).__name__, "images": n,
               "image_size": size, "layers": layers}
-    _write_json(result, out / "diagnostics.json")
+    write_json(result, out / "diagnostics.json")
     plot_diagnostics(layers, out / "diagnostics.png", title=result["model"])
     return result
 

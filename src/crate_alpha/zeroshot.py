@@ -17,18 +17,21 @@ import torch
 
 import crate_alpha  # noqa: F401  (registers CRATE-α in timm and open_clip)
 
+from .common import CrateAlphaError, local_dir, register_folder
 
-class EvalError(ValueError):
+
+class EvalError(CrateAlphaError):
     pass
 
 
 def _check_model(model: str, checkpoint: Optional[str]) -> None:
     import open_clip
 
-    if model.startswith("local-dir:"):
-        d = Path(model[len("local-dir:"):])
-        if not (d / "open_clip_config.json").is_file():
-            raise EvalError(f"{d} is not an open_clip model folder (no open_clip_config.json)")
+    folder = local_dir(model)
+    if folder is not None:
+        if not (folder / "open_clip_config.json").is_file():
+            raise EvalError(f"{folder} is not an open_clip model folder (no open_clip_config.json)")
+        register_folder(folder)
     elif model not in open_clip.list_models():
         names = ", ".join(n for n in open_clip.list_models() if "crate" in n)
         raise EvalError(f"unknown model {model!r}; CRATE-α models: {names}")
@@ -38,15 +41,24 @@ def _check_model(model: str, checkpoint: Optional[str]) -> None:
 
 def clip_benchmark_eval(model: str, dataset: str, dataset_root: str, output: str, checkpoint: Optional[str] = None,
                         task: str = "auto", batch_size: int = 64, workers: int = 0,
-                        extra: Optional[List[str]] = None) -> dict:
-    """Evaluate ``model`` (an open_clip name with a training checkpoint, or ``local-dir:``) on one dataset."""
+                        extra: Optional[List[str]] = None, torchcompile: bool = False) -> dict:
+    """Evaluate ``model`` (an open_clip name with a training checkpoint, or ``local-dir:``) on one dataset.
+
+    ``torchcompile``: the image and text encoders run under torch.compile (clip_benchmark
+    loads the model through a model type registered in ``patches``).
+    """
     from clip_benchmark import cli
 
+    from .patches import COMPILED_OPEN_CLIP, register_compiled_open_clip
+
     _check_model(model, checkpoint)
+    if torchcompile:
+        register_compiled_open_clip()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".partial.json")
-    argv = ["clip_benchmark", "eval", "--model_type", "open_clip", "--model", model,
+    model_type = COMPILED_OPEN_CLIP if torchcompile else "open_clip"
+    argv = ["clip_benchmark", "eval", "--model_type", model_type, "--model", model,
             "--pretrained", checkpoint or "", "--dataset", dataset, "--dataset_root", dataset_root,
             "--task", task, "--batch_size", str(batch_size), "--num_workers", str(workers),
             "--output", str(tmp), "--quiet"]

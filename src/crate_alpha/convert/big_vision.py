@@ -18,14 +18,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .folders import (
-    ConversionError,
-    check_names,
-    check_out_dir,
-    check_shape,
-    write_open_clip_folder,
-    write_timm_folder,
-)
+from .folders import ConversionError, check_names, check_out_dir, check_shape, write_open_clip_folder, write_timm_folder
 from .targets import classifier_args, clipa_model_cfg, clipa_preprocess_cfg, trunk_name
 
 Tree = Dict[str, np.ndarray]

@@ -23,13 +23,15 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..common import CrateAlphaError, write_json
+
 TIMM_CONFIG = "config.json"
 TIMM_WEIGHTS = "model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
-class ConversionError(ValueError):
+class ConversionError(CrateAlphaError):
     """A checkpoint or request that cannot be converted; the message says why and what to do."""
 
 
@@ -305,10 +307,6 @@ def _save_tensors(state: Dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(code, os.strerror(code), str(path)) from None
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor], what: str) -> None:
     """Load ``state`` into ``model`` strictly, naming every missing, extra or mis-shaped key."""
     own = model.state_dict()
@@ -328,37 +326,65 @@ def load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor], what: st
     model.load_state_dict(state, strict=True)
 
 
+# Where the weights came from, not what they are: timm fills these in when it loads a folder.
+_SOURCE_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag"}
+
+
+def register_trunk(name) -> None:
+    """Make a CRATE-α timm name known to timm before a model is built by it.
+
+    Shape names (converted checkpoints of other sizes) are registered on demand, not on
+    import; other names (timm's own towers) are left to timm.
+    """
+    from ..crate_alpha import register_variant
+
+    if isinstance(name, str) and name.startswith("crate_alpha_"):
+        try:
+            register_variant(name)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+
+
 def write_timm_folder(out_dir: os.PathLike, architecture: str, model_args: dict,
                       state: Dict[str, torch.Tensor], force: bool = False,
                       crop_pct: float = 0.875, interpolation: str = "bilinear", protect=()) -> Path:
-    """A folder for ``timm.create_model("local-dir:OUT_DIR", pretrained=True)``."""
+    """A folder for ``timm.create_model("local-dir:OUT_DIR", pretrained=True)``.
+
+    Its pretrained_cfg is the architecture's registered one (license, paper, fixed input
+    size, ...), with this checkpoint's input size, preprocessing and classes, as timm's own
+    exports carry the whole cfg.
+    """
     import timm
 
     import crate_alpha  # noqa: F401  (registers the architectures)
 
+    register_trunk(architecture)
     model = timm.create_model(architecture, pretrained=False, **model_args)
     load_strict(model, state, "converted classifier")
     res = model_args["img_size"]
+    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if v is not None and k not in _SOURCE_KEYS}
+    pretrained_cfg.update({
+        "input_size": [3, res, res],
+        "pool_size": None,
+        "crop_pct": crop_pct,
+        "interpolation": interpolation,
+        "mean": list(IMAGENET_DEFAULT_MEAN),
+        "std": list(IMAGENET_DEFAULT_STD),
+        "num_classes": model_args["num_classes"],
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    })
     config = {
         "architecture": architecture,
         "num_classes": model_args["num_classes"],
         "num_features": model_args["embed_dim"],
         "global_pool": model_args.get("global_pool", "token"),
         "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [3, res, res],
-            "crop_pct": crop_pct,
-            "interpolation": interpolation,
-            "mean": list(IMAGENET_DEFAULT_MEAN),
-            "std": list(IMAGENET_DEFAULT_STD),
-            "num_classes": model_args["num_classes"],
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
+        "pretrained_cfg": pretrained_cfg,
     }
     with atomic_dir(out_dir, force, protect) as tmp:
         _save_tensors(state, tmp / TIMM_WEIGHTS)
-        _write_json(config, tmp / TIMM_CONFIG)
+        write_json(config, tmp / TIMM_CONFIG)
     return Path(out_dir)
 
 
@@ -369,11 +395,12 @@ def write_open_clip_folder(out_dir: os.PathLike, model_cfg: dict, state: Dict[st
 
     import crate_alpha  # noqa: F401  (registers the vision trunks)
 
+    register_trunk((model_cfg.get("vision_cfg") or {}).get("timm_model_name"))
     model = open_clip.model.CLIP(**copy.deepcopy(model_cfg))
     load_strict(model, state, "converted CLIP model")
     with atomic_dir(out_dir, force, protect) as tmp:
         _save_tensors(state, tmp / OPEN_CLIP_WEIGHTS)
-        _write_json({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, tmp / OPEN_CLIP_CONFIG)
+        write_json({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, tmp / OPEN_CLIP_CONFIG)
     return Path(out_dir)
 
 
@@ -424,6 +451,7 @@ def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_di
             vision["timm_model_name"] = custom_variant_name(
                 a["embed_dim"], a["depth"], a["num_heads"], a["patch_size"], image_size)
     try:
+        register_trunk(vision.get("timm_model_name"))  # another image size is another shape name
         model = open_clip.model.CLIP(**copy.deepcopy(cfg))
     except ValueError as e:
         raise ConversionError(f"{model_name} at image size {vision.get('image_size')}: {e}") from None

@@ -15,6 +15,7 @@ from ..crate_alpha import (
     _VARIANTS,
     custom_variant_name,
     list_crate_alpha_models,
+    register_variant,
     variant_args,
     variant_name,
 )
@@ -90,11 +91,19 @@ def resolve_text_heads(width: int, text_heads: Optional[int], model: Optional[st
 
 
 def trunk_name(width: int, depth: int, heads: int, patch: int, res: int) -> str:
-    """The registered timm name of this shape, or its shape name when none is registered."""
+    """The fixed timm name of this shape, or else its shape name, registered in timm here.
+
+    Registered because the converters build the model by this name (timm, or open_clip's
+    timm tower) to check the converted weights before writing them.
+    """
     for size, p, r in _VARIANTS:
         if (CRATE_ALPHA_SIZES[size] == (width, depth, heads) and p == patch and r == res):
             return variant_name(size, p, r)
-    return custom_variant_name(width, depth, heads, patch, res)
+    name = custom_variant_name(width, depth, heads, patch, res)
+    try:
+        return register_variant(name)
+    except ValueError as e:  # an impossible shape read from the weights: say which part
+        raise ConversionError(str(e)) from None
 
 
 def classifier_args(width, depth, heads, patch, res, num_classes, head_norm_eps, patch_bias=True):

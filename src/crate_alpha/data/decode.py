@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections import Counter
 from typing import Callable, Optional, Sequence, Tuple
 
 from PIL import Image
@@ -65,17 +64,23 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float], scal
 
 
 class SkipCounter:
-    """A webdataset handler that skips a damaged sample or shard, and counts it."""
+    """A webdataset handler that skips a damaged sample or shard and counts it, across the
+    data-loader worker processes too (the count lives in shared memory)."""
 
     def __init__(self):
-        self.count = 0
-        self.reasons: Counter = Counter()
+        import multiprocessing
+
+        self.value = multiprocessing.Value("l", 0)
 
     def __call__(self, exn: BaseException) -> bool:
-        self.count += 1
-        self.reasons[type(exn).__name__] += 1
+        with self.value.get_lock():
+            self.value.value += 1
         _log.warning("skipping damaged data (%s: %s)", type(exn).__name__, exn)
         return True
+
+    @property
+    def count(self) -> int:
+        return int(self.value.value)
 
 
 def shard_loader(urls, image_transform: Callable, text_transform: Callable = lambda s: s,

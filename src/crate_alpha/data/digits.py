@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..common import write_json
+
 from .download import download
 from .loopback import serve_folder
 from .ownership import claim, clear_owned, owner_kind
@@ -129,7 +131,5 @@ def build_demo(out_dir: os.PathLike, image_size: int = 64, test_fraction: float 
     info = {"train_samples": summary["successes"], "test_samples": len(test_idx), "image_size": image_size,
             "train_shards": str(out / "train") + "/{00000..%05d}.tar" % (summary["shards"] - 1),
             "download": summary, "seconds": time.time() - t0}
-    tmp = out / "demo.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out / "demo.json")
+    write_json(info, out / "demo.json")
     return info

@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..common import write_json
+
 from .ownership import DataError, check_may_write, claim, clear_owned
 from .sample_checks import checked_img2dataset
 
@@ -214,7 +216,7 @@ def download(
     claim(output_dir, SHARDS_KIND)
     work.mkdir(exist_ok=True)
     if not (work / SETTINGS).exists():
-        _write_json(settings, work / SETTINGS)
+        write_json(settings, work / SETTINGS)
     info = filter_metadata(metadata, work / "metadata.parquet", filters, url_col, caption_col, hash_col)
     if info["rows_kept"] == 0:
         raise DataError(f"no metadata rows left after filters {list(filters)} and the caption policy "
@@ -254,14 +256,8 @@ def download(
     if info["no_caption"]:
         summary["failures_by_reason"] = {NO_CAPTION: info["no_caption"], **summary["failures_by_reason"]}
     summary.update(rows_in=info["rows_in"], rows_kept=info["rows_kept"], filters=list(filters))
-    _write_json(summary, work / "summary.json")
+    write_json(summary, work / "summary.json")
     return summary
-
-
-def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _file_record(path: Path) -> dict:

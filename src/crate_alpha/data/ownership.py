@@ -12,10 +12,12 @@ import os
 import shutil
 from pathlib import Path
 
+from ..common import CrateAlphaError, write_json
+
 MARKER = ".crate-alpha-output"
 
 
-class DataError(ValueError):
+class DataError(CrateAlphaError):
     """Bad data input; the message names the problem and what to do."""
 
 
@@ -40,9 +42,7 @@ def claim(folder: os.PathLike, kind: str) -> Path:
         check_may_write(folder, kind)
     folder.mkdir(parents=True, exist_ok=True)
     if owner_kind(folder) != kind:
-        tmp = folder / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"written_by": "crate-alpha", "kind": kind}) + "\n")
-        os.replace(tmp, folder / MARKER)
+        write_json({"written_by": "crate-alpha", "kind": kind}, folder / MARKER)
     return folder
 
 

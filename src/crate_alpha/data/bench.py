@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ from PIL import Image
 
 
 def _make_shards(folder: Path, n: int, size: int) -> list:
-    from crate_alpha.data.digits import CLASSNAMES, write_tar, digit_image
+    from .digits import CLASSNAMES, digit_image, write_tar
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -33,27 +31,25 @@ def _make_shards(folder: Path, n: int, size: int) -> list:
     return [str(folder / "000000.tar")]
 
 
-def main(a) -> None:
-    from crate_alpha.data.decode import shard_loader, train_transform
+def bench_decode(size: int = 84, source_size: int = 256, samples: int = 600, out="runs/bench/data.json") -> list:
+    from ..common import write_json
+    from .decode import shard_loader, train_transform
 
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        urls = _make_shards(Path(tmp), a.samples, a.source_size)
+        urls = _make_shards(Path(tmp), samples, source_size)
         for draft in (False, True):
-            tf = train_transform(a.size, (0.5,) * 3, (0.5,) * 3, scale=(0.4, 1.0), draft=draft)
+            tf = train_transform(size, (0.5,) * 3, (0.5,) * 3, scale=(0.4, 1.0), draft=draft)
             best = 0.0
             for _ in range(3):
                 t = time.perf_counter()
                 n = sum(len(x[1]) for x in shard_loader(urls, tf, batch_size=64))
                 best = max(best, n / (time.perf_counter() - t))
             rows.append({"path": "draft (reduced-size JPEG decode)" if draft else "plain (full decode)",
-                         "size": a.size, "source_size": a.source_size, "samples_per_s_per_core": best})
+                         "size": size, "source_size": source_size, "samples_per_s_per_core": best})
     for r in rows:
         print(f"{r['path']:<36} {r['source_size']} px -> {r['size']} px: {r['samples_per_s_per_core']:8.1f} samples/s/core")
     print(f"speed-up: {rows[1]['samples_per_s_per_core'] / rows[0]['samples_per_s_per_core']:.2f}x")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, out)
+    write_json(rows, out)
+    return rows

@@ -4,7 +4,7 @@ open_clip_train has no XLA support, but its loop needs very little to run on one
 string, the XLA process group, a step boundary, and CPU copies of what it saves. So the
 CLIP trainer stays open_clip_train itself (model, loss, webdataset pipeline, scheduler,
 checkpoints, resuming, logging) and this module supplies only those pieces, installed
-by ``hooks.install(..., xla=...)``; the classification trainer (our own short loop over
+by ``patches.install(..., xla=...)``; the classification trainer (our own short loop over
 timm's parts) calls the same helpers. A second, XLA-only training loop would have been
 larger and would drift from the CPU/GPU one, which is what the parity tests compare.
 
@@ -29,7 +29,6 @@ larger and would drift from the CPU/GPU one, which is what the parity tests comp
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -37,9 +36,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .common import CrateAlphaError, write_json
 
-class XlaUnavailable(RuntimeError):
-    pass
+
+class XlaUnavailable(CrateAlphaError):
+    """device=xla cannot run here; the message says what to install or set."""
 
 
 def require() -> None:
@@ -71,6 +72,13 @@ def launcher_world_size() -> int:
         raise XlaUnavailable("data-parallel training on XLA:CPU uses one device per process: unset "
                              "CPU_NUM_DEVICES (or set it to 1), or set fsdp=True to shard over the devices")
     return 1
+
+
+def check_ready(fsdp: bool) -> None:
+    """Fail before any data or model is touched when an XLA run cannot start."""
+    require()
+    if not fsdp:
+        launcher_world_size()
 
 
 def is_xla(x: Any) -> bool:
@@ -154,12 +162,8 @@ class StepMetrics:
             self.write()
 
     def write(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
-        tmp.write_text(json.dumps({"steps": self.steps}, indent=1))
-        os.replace(tmp, self.path)
+        if self.path is not None:
+            write_json({"steps": self.steps}, self.path)
 
 
 class DeviceLoader:

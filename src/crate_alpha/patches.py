@@ -1,13 +1,16 @@
-"""Small, named adjustments to open_clip_train, installed by the launcher in its own process.
+"""Every change this project makes to another library's attributes, in one place.
 
-open_clip_train has no plug-in points for these, so each one replaces a single module
-attribute of ``open_clip_train.main`` / ``open_clip_train.data`` (never a file):
+open_clip_train has no plug-in points, so each patch replaces one module attribute of
+``open_clip_train.main`` / ``open_clip_train.data`` (never a file), in the trainer's own
+process, when ``install`` is called. ``PATCHES`` names each attribute and a line of the
+library's source that uses it; tests/test_patches.py fails when one of them moves.
+What open_clip_train or timm already do is not patched: open_clip_train writes
+``epoch_latest.pt`` (what ``--resume latest`` reads) atomically itself, the open_clip
+configs are added with ``open_clip.add_model_config`` and timm names with
+``register_model``.
 
 * DDP on CPU: it passes ``device_ids=[device]`` to DistributedDataParallel, which DDP
-  refuses for CPU processes (gloo); they are dropped there;
-* atomic checkpoints: it writes ``epoch_N.pt`` in place, so a kill during the write would
-  leave a half-written file that ``--resume latest`` may pick; its ``torch`` is given an
-  atomic ``save`` (temporary file, then rename);
+  refuses for CPU (gloo) and XLA processes; they are dropped there;
 * counted skips: damaged samples and shards are skipped (as before) and also counted in a
   counter shared with the data-loader workers, reported at the end of training;
 * fused AdamW: one fused kernel per step instead of a Python loop over parameter
@@ -17,16 +20,14 @@ attribute of ``open_clip_train.main`` / ``open_clip_train.data`` (never a file):
   shuffle seeded from ``--seed`` (see ``SeededShuffle``);
 * reduced-size JPEG decode: images stay encoded through webdataset's decode stage and the
   training transform decodes them with ``crate_alpha.data.decode`` (draft mode);
-* XLA devices (``install(..., xla=XlaOptions(...))``, see ``xla.py``): DDP without
-  ``device_ids``, a step boundary after each optimizer step, batches moved to the device
-  by torch_xla's loader, optional FSDP sharding, checkpoints copied to the CPU.
+* XLA devices (``install(..., xla=XlaOptions(...))``, see ``xla.py``): a step boundary
+  after each optimizer step, batches moved to the device by torch_xla's loader, optional
+  FSDP sharding, and checkpoints copied to the CPU before ``torch.save``.
 """
 from __future__ import annotations
 
 import io
 import logging
-import multiprocessing
-import os
 import random
 import types
 from dataclasses import dataclass
@@ -36,25 +37,47 @@ import torch
 import webdataset as wds
 
 from . import xla as _xla
+from .data.decode import SkipCounter
 
 _log = logging.getLogger(__name__)
 
+# (module, attribute, a line of that module's source that uses the attribute as patched)
+PATCHES = (
+    ("open_clip_train.main", "torch", "torch.nn.parallel.DistributedDataParallel(model, device_ids=[device]"),
+    ("open_clip_train.main", "optim", "optimizer = optim.AdamW("),
+    ("open_clip_train.main", "create_model_and_transforms", "= create_model_and_transforms("),
+    ("open_clip_train.main", "get_data", "data = get_data("),
+    ("open_clip_train.data", "log_and_continue", "handler=log_and_continue"),
+    ("open_clip_train.data", "tarfile_to_samples_nothrow", "tarfile_to_samples_nothrow,"),
+    ("open_clip_train.data", "filter_no_caption_or_no_image", "wds.select(filter_no_caption_or_no_image)"),
+    ("open_clip_train.data", "wds", "wds.shuffle("),
+    ("open_clip_train.data", "wds", 'wds.decode("pilrgb"'),
+    ("clip_benchmark.models", "TYPE2FUNC", "load_func = TYPE2FUNC[model_type]"),
+)
 
-def atomic_save(obj, f, *args, **kwargs):
-    if _xla.has_xla_tensors(obj):
-        # the same file a CPU/GPU run writes (XLA tensors would need torch_xla to load)
-        obj = _xla.to_cpu(obj)
-    if isinstance(f, (str, os.PathLike)):
-        f = os.fspath(f)
-        tmp = f"{f}.partial-{os.getpid()}"
-        try:
-            torch.save(obj, tmp, *args, **kwargs)
-            os.replace(tmp, f)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        torch.save(obj, f, *args, **kwargs)
+# clip_benchmark's model-type table is its own extension point: a model type is added to it
+COMPILED_OPEN_CLIP = "open_clip_compiled"
+
+
+def register_compiled_open_clip() -> None:
+    """``--model_type open_clip_compiled``: open_clip's loader, encoders under torch.compile."""
+    from clip_benchmark import models
+    from clip_benchmark.models.open_clip import load_open_clip
+
+    def load_compiled(**kwargs):
+        model, transform, tokenizer = load_open_clip(**kwargs)
+        model.encode_image = torch.compile(model.encode_image)
+        model.encode_text = torch.compile(model.encode_text)
+        return model, transform, tokenizer
+
+    models.TYPE2FUNC[COMPILED_OPEN_CLIP] = load_compiled
+    if COMPILED_OPEN_CLIP not in models.MODEL_TYPES:
+        models.MODEL_TYPES.append(COMPILED_OPEN_CLIP)  # the same list clip_benchmark's CLI checks against
+
+
+def _save_on_cpu(obj, f, *args, **kwargs):
+    # an XLA checkpoint is the same file a CPU/GPU run writes (XLA tensors would need torch_xla to load)
+    torch.save(_xla.to_cpu(obj), f, *args, **kwargs)
 
 
 class _Proxy(types.ModuleType):
@@ -71,33 +94,17 @@ class _Proxy(types.ModuleType):
 
 
 def cpu_safe_ddp(module, device_ids=None, **kwargs):
-    # open_clip_train passes device_ids=[device] even for CPU processes, which DDP refuses
-    # (and XLA processes, where torch_xla's process group wants none either)
     if device_ids and all(torch.device(d).type in ("cpu", "xla") for d in device_ids):
         device_ids = None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
 
 
-def _torch_for_open_clip_train():
+def _torch_for_open_clip_train(on_xla: bool):
     parallel = _Proxy(torch.nn.parallel, {"DistributedDataParallel": cpu_safe_ddp})
-    return _Proxy(torch, {"save": atomic_save, "nn": _Proxy(torch.nn, {"parallel": parallel})})
-
-
-class SharedSkipCounter:
-    """A webdataset handler: skip the damaged item, count it across worker processes."""
-
-    def __init__(self):
-        self.value = multiprocessing.Value("l", 0)
-
-    def __call__(self, exn: BaseException) -> bool:
-        with self.value.get_lock():
-            self.value.value += 1
-        _log.warning("skipping damaged data (%s: %s)", type(exn).__name__, exn)
-        return True
-
-    @property
-    def count(self) -> int:
-        return int(self.value.value)
+    overrides = {"nn": _Proxy(torch.nn, {"parallel": parallel})}
+    if on_xla:
+        overrides["save"] = _save_on_cpu
+    return _Proxy(torch, overrides)
 
 
 class SeededShuffle(wds.detshuffle):
@@ -156,7 +163,7 @@ def _synced(optimizer_cls, metrics):
     return Synced
 
 
-def install(counter: SharedSkipCounter, fast_decode: bool, xla: Optional[XlaOptions] = None) -> None:
+def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] = None) -> None:
     import open_clip_train.data as data
     import open_clip_train.main as main
 
@@ -164,7 +171,7 @@ def install(counter: SharedSkipCounter, fast_decode: bool, xla: Optional[XlaOpti
         main._crate_alpha_hooks.value = counter.value  # already installed: count into the new counter
         return
     main._crate_alpha_hooks = counter
-    main.torch = _torch_for_open_clip_train()
+    main.torch = _torch_for_open_clip_train(xla is not None)
     metrics = _xla.StepMetrics(xla.metrics_path) if xla is not None else None
     if xla is not None:
         xla.metrics = metrics
@@ -218,7 +225,7 @@ def install(counter: SharedSkipCounter, fast_decode: bool, xla: Optional[XlaOpti
         return
     from PIL import Image
 
-    from ..data.decode import train_transform
+    from .data.decode import train_transform
 
     create = main.create_model_and_transforms
 

@@ -8,8 +8,9 @@ from typing import Optional, Tuple
 import torch
 from timm.data import create_transform
 
-from ..train.clip import check_data, count_samples
-from ..train.recipe import RecipeError
+from ..common import check_shards, count_samples
+from ..data.decode import SkipCounter
+from ..recipe import RecipeError
 
 
 def is_folder(path) -> bool:
@@ -22,16 +23,9 @@ def check_path(path, what: str) -> None:
     if is_folder(path):
         return
     if "{" in str(path) or str(path).endswith(".tar"):
-        check_data(path)
+        check_shards(path, what)
         return
     raise RecipeError(f"{what} {path} does not exist (expected an ImageFolder directory or a .tar shard pattern)")
-
-
-def train_transform(cfg, mean, std):
-    return create_transform(
-        input_size=cfg["image_size"], is_training=True, scale=tuple(cfg["crop_scale"]), ratio=tuple(cfg["crop_ratio"]),
-        hflip=cfg["hflip"], vflip=0.0, color_jitter=None, auto_augment=cfg["rand_augment"] or None,
-        interpolation="bicubic", mean=mean, std=std, re_prob=0.0)
 
 
 def eval_transform(image_size: int, mean, std, crop_pct: float = 0.875, interpolation: str = "bilinear"):
@@ -64,9 +58,7 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
         return loader, len(ds), sampler
     import webdataset as wds
 
-    from ..data.decode import SkipCounter
-
-    urls = check_data(path)
+    urls = check_shards(path)
     n = int(num_samples or count_samples(urls))
     handler = counter or SkipCounter()
     stages = [wds.SimpleShardList(urls)]

@@ -2,43 +2,40 @@
 tower, or a converted released-weights folder (``local-dir:``)."""
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Dict
 
 import torch
 
-from ..train.recipe import RecipeError
+from ..common import local_dir, read_state_dict, register_folder, timm_folder_config
+from ..recipe import RecipeError
 
 _log = logging.getLogger(__name__)
 
 
 def read_state(source: str) -> Dict[str, torch.Tensor]:
     """The encoder+head state dict (timm key names) held by ``source``."""
-    if source.startswith("local-dir:"):
-        d = Path(source[len("local-dir:"):])
-        f = d / "model.safetensors"
+    folder = local_dir(source)
+    if folder is not None:
+        f = folder / "model.safetensors"
         if not f.is_file():
-            raise RecipeError(f"{d} is not a timm model folder (no model.safetensors)")
+            raise RecipeError(f"{folder} is not a timm model folder (no model.safetensors)")
         from safetensors.torch import load_file
 
         return load_file(str(f))
-    if not os.path.isfile(source):
-        raise RecipeError(f"init_from checkpoint {source} does not exist")
-    obj = torch.load(source, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        return obj["model"]  # ours
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = read_state_dict(source, "initial_checkpoint")
+    if "model" in sd and isinstance(sd["model"], dict):  # a checkpoint of this trainer
+        return sd["model"]
     if any(k.startswith("visual.trunk.") for k in sd):  # an open_clip CRATE-α CLIP model
         return {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
     return sd
 
 
-def local_dir_args(source: str) -> Dict:
-    cfg = json.loads((Path(source[len("local-dir:"):]) / "config.json").read_text())
+def timm_model_args(source: str) -> Dict:
+    """architecture + model_args of a timm ``local-dir:`` folder, the name made known to timm."""
+    folder = local_dir(source)
+    register_folder(folder)
+    cfg = timm_folder_config(folder)
     return {"architecture": cfg["architecture"], **cfg.get("model_args", {})}
 
 

@@ -1,0 +1,1 @@
+"""The experiment recipes, one file each (installed as ``crate_alpha.configs``)."""

@@ -1,0 +1,308 @@
+"""The CLIP trainer: a CLIPA recipe run by open_clip_train.
+
+    crate-alpha pretrain configs/clipa_crate_alpha_L14_84_pretrain.py train_data='shards/{00000..00099}.tar'
+    torchrun --nproc_per_node 8 -m crate_alpha.cli pretrain clipa_crate_alpha_L14_84_pretrain ...
+
+open_clip_train does the loop, loss, distributed training, checkpointing, resuming and
+logging. This module checks the data before anything is built, turns the recipe into
+open_clip_train's arguments for the hardware at hand (batch, lr and warm-up scaled; every
+other key is one of open_clip_train's own flags under its own name), prepares the initial
+weights (text tower from a CLIPA checkpoint; fine-tuning from a pre-training checkpoint
+with the position grid resampled or re-initialised), and installs ``patches``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from .common import check_shards, count_samples, read_state_dict, save_checkpoint, write_json
+from .recipe import RecipeError, check_resume_compatible, load_recipe
+
+# Keys that are open_clip_train flags, passed on under their own names (``wd`` -> ``--wd``);
+# ``epochs`` too is its flag's name, passed on after the schedule has resolved it.
+OPEN_CLIP_TRAIN_FLAGS = (
+    "model", "train_data", "lr_scheduler", "wd", "beta1", "beta2", "eps", "grad_clip_norm", "precision",
+    "accum_freq", "workers", "seed", "logs", "name", "save_frequency", "log_every_n_steps", "force_image_size",
+    "force_context_length", "report_to", "lock_text", "local_loss", "gather_with_grad", "grad_checkpointing",
+    "torchcompile",
+)
+
+DEFAULTS: Dict[str, Any] = {
+    # model
+    "model": "crate-alpha-L-14",        # open_clip name (after `import crate_alpha`) or local-dir:
+    "force_image_size": 224,            # training resolution
+    "force_context_length": None,       # text length; None keeps the model's
+    "torchcompile": False,              # torch.compile the model (first steps slower while it compiles)
+    # data
+    "train_data": None,                 # webdataset shard pattern, e.g. shards/{00000..00099}.tar
+    "train_num_samples": None,          # samples per pass over the data; None: counted from the shards
+    "workers": 2,
+    "fast_decode": True,                # reduced-size JPEG decode before the random resized crop
+    # schedule (stated for the reference batch; scaled to the batch actually used)
+    "global_batch": 32768,
+    "reference_batch": 32768,           # the batch warmup_steps is stated for
+    "samples_seen": 2_560_000_000,
+    "epochs": None,                     # if set, overrides samples_seen
+    "lr_per_256": 8e-6,                 # lr = lr_per_256 * global_batch / 256
+    "warmup_steps": 1600,               # at reference_batch; the same number of samples at any batch
+    "lr_scheduler": "cosine",
+    "wd": 0.2,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "eps": 1e-8,
+    "grad_clip_norm": 1.0,
+    "precision": "amp_bf16",
+    "accum_freq": 1,
+    "grad_checkpointing": False,
+    # initialisation
+    "init_from": None,                  # an open_clip checkpoint to start the whole model from (fine-tuning)
+    "pos_embed_init": "resample",       # when the grid changes: 'resample' or 'sincos' (re-initialise)
+    "text_init": None,                  # an open_clip checkpoint whose text tower initialises ours
+    "lock_text": False,                 # freeze the text tower
+    # distributed
+    "local_loss": False,
+    "gather_with_grad": False,
+    "dist_backend": None,               # None: nccl on GPUs, gloo on CPU, xla on XLA
+    "device": None,                     # None: cuda when available, else cpu; 'xla': TPU (or XLA:CPU)
+    "fsdp": False,                      # on XLA: shard weights and batch over all devices (SPMD FSDP)
+    # bookkeeping
+    "logs": "runs/train",
+    "name": None,                       # run folder name under logs; None: the recipe's file name
+    "seed": 0,
+    "save_frequency": 1,                # epochs between epoch_N.pt (0: only the final and epoch_latest.pt)
+    "log_every_n_steps": 20,
+    "report_to": "",                    # '', 'tensorboard', 'wandb'
+}
+
+# Before the keys took open_clip_train's names; an old recipe gets told the new one.
+RENAMED = {"weight_decay": "wd", "grad_clip": "grad_clip_norm", "save_every_epochs": "save_frequency",
+           "output": "logs", "image_size": "force_image_size", "context_length": "force_context_length"}
+
+# Changing these between a run and its resumption would silently mix two experiments.
+SCHEDULE_KEYS = ("model", "force_image_size", "epochs", "samples_seen", "global_batch", "lr_per_256",
+                 "warmup_steps", "train_num_samples")
+
+
+def load(recipe: str | None, overrides=()) -> Dict[str, Any]:
+    cfg = load_recipe(recipe, overrides, DEFAULTS, "name", RENAMED)
+    if cfg["pos_embed_init"] not in ("resample", "sincos"):
+        raise RecipeError(f"pos_embed_init must be 'resample' or 'sincos', got {cfg['pos_embed_init']!r}")
+    return cfg
+
+
+def schedule(cfg: Dict[str, Any], world_size: int, train_num_samples: int) -> Dict[str, Any]:
+    """Per-process batch, lr, warm-up steps and epochs for this hardware."""
+    gb = int(cfg["global_batch"])
+    per = world_size * int(cfg["accum_freq"])
+    if gb % per:
+        raise RecipeError(f"global_batch {gb} is not divisible by processes x accum_freq = {per}")
+    warmup = int(round(cfg["warmup_steps"] * cfg["reference_batch"] / gb))
+    epochs = int(cfg["epochs"]) if cfg["epochs"] else max(1, math.ceil(cfg["samples_seen"] / train_num_samples))
+    return {"batch_size": gb // per, "lr": cfg["lr_per_256"] * gb / 256, "warmup": warmup, "epochs": epochs}
+
+
+def checkpoint_path(logs, name) -> Path:
+    """Where open_clip_train keeps a run's latest checkpoint."""
+    return Path(logs) / name / "checkpoints" / "epoch_latest.pt"
+
+
+def prepare_init(cfg: dict, run_dir: Path) -> str:
+    """An open_clip checkpoint with the recipe's starting weights; returns its path."""
+    import open_clip
+
+    import crate_alpha  # noqa: F401
+
+    torch.manual_seed(cfg["seed"])
+    size = cfg["force_image_size"] if cfg["init_from"] else None
+    model = open_clip.create_model(cfg["model"], force_image_size=size,
+                                   force_context_length=cfg["force_context_length"])
+    if cfg["init_from"]:
+        if not os.path.isfile(str(cfg["init_from"])):
+            raise RecipeError(f"init_from checkpoint {cfg['init_from']} does not exist")
+        # open_clip's loader (resamples a ViT's grid; a CRATE-α trunk resamples its own)
+        open_clip.load_checkpoint(model, str(cfg["init_from"]), strict=True)
+        trunk = getattr(model.visual, "trunk", None)
+        if cfg["pos_embed_init"] == "sincos":
+            if trunk is None or not hasattr(trunk, "reset_pos_embed_sincos"):
+                raise RecipeError("pos_embed_init='sincos' needs a CRATE-α image tower")
+            trunk.reset_pos_embed_sincos()  # the official fine-tuning's choice
+    if cfg["text_init"]:
+        own = model.state_dict()
+        text = {k: v for k, v in read_state_dict(cfg["text_init"], "text_init checkpoint").items()
+                if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+        missing = sorted(k for k in own if not k.startswith("visual.") and k not in text
+                         and k not in ("logit_scale", "logit_bias"))
+        wrong = [k for k in text if k in own and own[k].shape != text[k].shape]
+        extra = sorted(k for k in text if k not in own)
+        if missing or wrong or extra:
+            raise RecipeError(f"text_init {cfg['text_init']} does not fit {cfg['model']}'s text tower: "
+                              f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
+        model.load_state_dict(text, strict=False)
+    return str(save_checkpoint({"state_dict": model.state_dict()}, run_dir / "init.pt"))
+
+
+def device_of(cfg: dict) -> str:
+    return cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def open_clip_args(cfg: dict, sched: dict, n_samples: int, init: str | None) -> List[str]:
+    dev = device_of(cfg)
+    a = []
+    for key in OPEN_CLIP_TRAIN_FLAGS:
+        value = cfg[key]
+        if value is None or value is False or value == "":
+            continue
+        a += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    a += [
+        "--dataset-type", "webdataset",
+        "--train-num-samples", str(n_samples),
+        "--batch-size", str(sched["batch_size"]),
+        "--epochs", str(sched["epochs"]),
+        "--lr", repr(sched["lr"]),
+        "--warmup", str(sched["warmup"]),
+        "--save-most-recent",
+        "--resume", "latest",
+        "--zeroshot-frequency", "0",
+        "--device", dev,
+        "--dist-backend", cfg["dist_backend"] or {"cuda": "nccl", "xla": "xla"}.get(dev, "gloo"),
+    ]
+    if dev == "xla":
+        # each launcher process sees its one device as xla:0, so no per-rank device index
+        a += ["--dist-url", "xla://", "--no-set-device-rank"]
+    if init:
+        a += ["--pretrained", init]
+    return a
+
+
+def _world_size(cfg: dict) -> int:
+    if device_of(cfg) == "xla":
+        if cfg["fsdp"]:
+            return 1  # SPMD: one process drives every device; the batch is sharded, not split
+        from . import xla
+
+        return xla.launcher_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def run(recipe: str | None, overrides=(), dry_run: bool = False) -> dict:
+    cfg = load(recipe, overrides)
+    if device_of(cfg) == "xla":
+        from . import xla
+
+        xla.check_ready(cfg["fsdp"])
+    if cfg["lock_text"] and not cfg["text_init"] and not cfg["init_from"]:
+        raise RecipeError("lock_text=True would freeze a randomly initialised text tower: set text_init=CHECKPOINT "
+                          "(an open_clip checkpoint with a pre-trained text encoder) or lock_text=False")
+    urls = check_shards(cfg["train_data"], "training data (train_data)")
+    n = int(cfg["train_num_samples"] or count_samples(urls))
+    world = _world_size(cfg)
+    sched = schedule(cfg, world, n)
+    run_dir = Path(cfg["logs"]) / cfg["name"]
+    resuming = checkpoint_path(cfg["logs"], cfg["name"]).exists()
+    if resuming and (run_dir / "recipe.json").is_file():
+        saved = json.loads((run_dir / "recipe.json").read_text())["recipe"]
+        check_resume_compatible(saved, dict(cfg, train_num_samples=cfg["train_num_samples"] or n), run_dir,
+                                SCHEDULE_KEYS)
+    init = None
+    if (cfg["init_from"] or cfg["text_init"]) and not resuming and not dry_run:
+        init_path = run_dir / "init.pt"
+        if _rank() == 0:
+            init = prepare_init(cfg, run_dir)
+        else:
+            deadline = time.time() + 3600
+            while not init_path.exists():
+                if time.time() > deadline:
+                    raise RecipeError(f"rank 0 did not write {init_path} within an hour")
+                time.sleep(0.5)
+            init = str(init_path)
+    args = open_clip_args(cfg, sched, n, init)
+    info = {"recipe": dict(cfg, train_num_samples=n), "schedule": sched, "train_num_samples": n, "world_size": world,
+            "open_clip_train_args": args}
+    if dry_run:
+        return info
+    if _rank() == 0:
+        write_json(info, run_dir / "recipe.json")
+
+    t0 = time.time()
+    if device_of(cfg) == "xla":
+        from . import xla
+
+        job = (args, cfg["fast_decode"], cfg["fsdp"], str(run_dir), sched["epochs"], n, t0)
+        if cfg["fsdp"]:
+            _xla_process(0, *job)  # SPMD is one process; torch_xla's launcher does not support it
+        else:
+            xla.launch(_xla_process, args=job)
+        info["seconds"] = time.time() - t0
+        return info
+    counter = _open_clip_train(args, cfg["fast_decode"])
+    info["seconds"] = time.time() - t0
+    info["skipped_damaged"] = counter.count
+    if _rank() == 0:
+        _summary(run_dir, t0, counter.count, sched["epochs"], n)
+    return info
+
+
+def _open_clip_train(args: List[str], fast_decode: bool, xla_options=None):
+    import open_clip_train.main as ocm
+
+    import crate_alpha  # noqa: F401  (registers the models in this process)
+
+    from .data.decode import SkipCounter
+    from .patches import install
+
+    counter = SkipCounter()
+    install(counter, fast_decode=fast_decode, xla=xla_options)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        rc = ocm.main(args)
+    finally:
+        # open_clip_train adds its own handlers (one writes this run's out.log); drop them so a
+        # second run in the same process (make demo) does not also write into this run's log
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
+            h.close()
+    for noisy in ("torch._dynamo", "torch._subclasses"):  # open_clip_train set the root logger to INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if rc not in (None, 0):
+        raise RuntimeError(f"open_clip_train exited with {rc}")
+    if counter.count:
+        logging.warning("skipped %d damaged samples or shards", counter.count)
+    return counter
+
+
+def _summary(run_dir: Path, t0: float, skipped: int, epochs: int, n: int) -> None:
+    write_json({"seconds": time.time() - t0, "skipped_damaged": skipped, "epochs": epochs, "samples_seen": epochs * n,
+                "checkpoint": str(run_dir / "checkpoints" / "epoch_latest.pt")}, run_dir / "train_summary.json")
+
+
+def _xla_process(index: int, args: List[str], fast_decode: bool, fsdp: bool, run_dir: str, epochs: int, n: int,
+                 t0: float) -> None:
+    """One launcher process: open_clip_train on this process's XLA device."""
+    from . import xla
+    from .patches import XlaOptions
+
+    if not fsdp:
+        rank, local, world = xla.ordinals()
+        if world > 1:  # open_clip_train reads the torchrun variables; the XLA process group does the rest
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the 'xla' backend)
+
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE=str(world))
+    rank = _rank()
+    metrics = str(Path(run_dir) / "xla_metrics.json") if rank == 0 else None
+    options = XlaOptions(metrics_path=metrics, fsdp=fsdp)
+    counter = _open_clip_train(args, fast_decode, options)
+    if rank == 0:
+        options.metrics.write()
+        _summary(Path(run_dir), t0, counter.count, epochs, n)

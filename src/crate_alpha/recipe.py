@@ -1,0 +1,127 @@
+"""Training recipes: one readable Python file per experiment, in big_vision's style.
+
+A recipe file defines ``get_config(arg=None)`` returning a dict of keys (any key left out
+keeps the trainer's default). ``arg`` selects a variant of the experiment, written after a
+colon: ``clipa_crate_alpha_L14_84_pretrain.py:demo`` is the paper's pre-training shrunk to
+the digits demo, derived from the paper recipe rather than copied. A recipe is named by
+its path, or by the name of one shipped with the package (``configs/`` is installed as
+``crate_alpha.configs``). Every key can be overridden on the command line as ``key=value``.
+
+Keys use the library's own names: open_clip_train's flags for the CLIP trainer
+(``wd``, ``grad_clip_norm``, ``save_frequency``, ``logs``, ...), timm's ``train.py``
+arguments for the classifier (``clip_grad``, ``smoothing``, ``aa``, ``output``, ...).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from .common import CrateAlphaError
+
+
+class RecipeError(CrateAlphaError):
+    """A recipe or override that cannot be used; the message names it."""
+
+
+def shipped_recipes_dir() -> Path:
+    spec = importlib.util.find_spec("crate_alpha.configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError("the recipes shipped with crate-alpha (crate_alpha.configs) are not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def list_recipes() -> List[str]:
+    return sorted(p.stem for p in shipped_recipes_dir().glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve(spec: str) -> Tuple[Path, Optional[str]]:
+    """(recipe file, variant) of ``PATH[:VARIANT]`` or ``NAME[:VARIANT]``."""
+    text, arg = str(spec), None
+    if ":" in Path(text).name:
+        text, arg = text.rsplit(":", 1)
+    path = Path(text)
+    if path.is_file():
+        return path, arg or None
+    name = path.name[:-3] if path.name.endswith(".py") else path.name
+    shipped = shipped_recipes_dir() / f"{name}.py"
+    if shipped.is_file() and path.parent in (Path("."), Path("configs")):
+        return shipped, arg or None
+    raise RecipeError(f"recipe {spec!r} is neither a file nor a shipped recipe; shipped: {', '.join(list_recipes())}")
+
+
+def _read(path: Path, arg: Optional[str]) -> Dict[str, Any]:
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    get_config = getattr(mod, "get_config", None)
+    if get_config is None:
+        raise RecipeError(f"recipe {path} defines no get_config()")
+    if not inspect.signature(get_config).parameters:
+        if arg:
+            raise RecipeError(f"recipe {path} has no variants (its get_config() takes no argument), got :{arg}")
+        return dict(get_config())
+    try:
+        return dict(get_config(arg))
+    except ValueError as e:  # the recipe's own word on an unknown variant
+        raise RecipeError(f"recipe {path}: {e}") from None
+
+
+def check_keys(keys: Iterable[str], where: str, defaults: Dict[str, Any], renamed: Dict[str, str]) -> None:
+    for k in keys:
+        if k in renamed:
+            raise RecipeError(f"recipe key {k!r} in {where} is now called {renamed[k]!r} (the library's own name)")
+    unknown = sorted(set(keys) - set(defaults))
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)} in {where}; known keys: "
+                          + ", ".join(sorted(defaults)))
+
+
+def parse_value(raw: str) -> Any:
+    if raw.lower() in ("none", "null"):
+        return None
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def load_recipe(spec: Optional[str], overrides: Iterable[str], defaults: Dict[str, Any], name_key: str,
+                renamed: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """The trainer's defaults, updated by the recipe (and variant), then by ``key=value`` overrides.
+
+    The run's name (``name_key``) defaults to the recipe's file name, plus ``-VARIANT``.
+    """
+    renamed = renamed or {}
+    cfg = dict(defaults)
+    if spec:
+        path, arg = resolve(spec)
+        values = _read(path, arg)
+        check_keys(values, f"{path}{':' + arg if arg else ''}", defaults, renamed)
+        cfg.update(values)
+        cfg[name_key] = cfg[name_key] or (f"{path.stem}-{arg}" if arg else path.stem)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        check_keys([key], "the command line", defaults, renamed)
+        cfg[key] = parse_value(raw)
+    cfg[name_key] = cfg[name_key] or "run"
+    if cfg.get("device") not in (None, "cpu", "cuda", "xla"):
+        raise RecipeError(f"device must be cpu, cuda or xla (or None: cuda when available), got {cfg['device']!r}")
+    if cfg.get("fsdp") and cfg.get("device") != "xla":
+        raise RecipeError("fsdp=True is the SPMD sharding of XLA devices: set device=xla as well")
+    return cfg
+
+
+def check_resume_compatible(saved: Dict[str, Any], cfg: Dict[str, Any], where, keys: Iterable[str]) -> None:
+    """Changing ``keys`` between a run and its resumption would silently mix two experiments."""
+    diff = [f"{k} {saved.get(k)!r} -> {cfg.get(k)!r}" for k in keys
+            if k in cfg and k in saved and saved.get(k) != cfg.get(k)]
+    if diff:
+        raise RecipeError(f"{where} holds a run of another recipe ({'; '.join(diff)}); resume it with the same "
+                          "values, or start a new run (another name or delete the folder)")

@@ -1,5 +1,0 @@
-import sys
-
-from .clip import main
-
-sys.exit(main())

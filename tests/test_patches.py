@@ -1,0 +1,57 @@
+"""Each patch of another library's attribute (crate_alpha.patches) fails here when the attribute moves."""
+import importlib
+import inspect
+
+import open_clip
+import pytest
+import timm
+
+import crate_alpha
+from crate_alpha.patches import PATCHES
+
+
+@pytest.mark.parametrize("module,attribute,use", PATCHES, ids=[f"{m}.{a}" for m, a, _ in PATCHES])
+def test_patched_attribute_is_where_the_patch_expects_it(module, attribute, use):
+    mod = importlib.import_module(module)
+    assert hasattr(mod, attribute), f"{module}.{attribute} moved: crate_alpha.patches must follow it"
+    assert use in inspect.getsource(mod), f"{module} no longer uses {attribute} as `{use}`"
+
+
+def test_open_clip_train_patches_take_effect():
+    import open_clip_train.data as data
+    import open_clip_train.main as main
+
+    from crate_alpha.data.decode import SkipCounter
+    from crate_alpha.patches import SeededShuffle, cpu_safe_ddp, install
+
+    counter = SkipCounter()
+    install(counter, fast_decode=True)
+    assert main.torch.nn.parallel.DistributedDataParallel is cpu_safe_ddp
+    assert main.torch.save is __import__("torch").save  # open_clip_train's own (atomic latest) saving stays
+    assert isinstance(data.wds.shuffle(100), SeededShuffle)
+    assert data.tarfile_to_samples_nothrow.__defaults__ == (counter,)
+    data.log_and_continue(ValueError("damaged"))
+    assert counter.count == 1
+    opt = main.optim.AdamW([__import__("torch").nn.Parameter(__import__("torch").zeros(2))], lr=1e-3)
+    assert opt.defaults["fused"] is True
+
+
+def test_no_private_registry_is_replaced():
+    # timm names through register_model, open_clip configs through add_model_config: both public
+    from timm.models import _registry
+
+    assert type(_registry._model_entrypoints) is dict
+    assert timm.is_model("crate_alpha_base_patch16_224")
+    assert set(crate_alpha.list_open_clip_models()) <= set(open_clip.list_models())
+
+
+def test_compiled_model_type_for_clip_benchmark():
+    from clip_benchmark import models
+
+    from crate_alpha.patches import COMPILED_OPEN_CLIP, register_compiled_open_clip
+
+    register_compiled_open_clip()
+    register_compiled_open_clip()  # twice: registered once
+    assert models.MODEL_TYPES.count(COMPILED_OPEN_CLIP) == 1
+    model, _, _ = models.load_clip(COMPILED_OPEN_CLIP, "crate-alpha-demo", "", None, device="cpu")
+    assert type(model.encode_image).__name__ != "method"  # torch.compile's wrapper, not the plain method
