@@ -107,6 +107,10 @@ def test_eval_converted_released_classifier(fixtures, demo_data, tmp_path):
     convert_official_torch(fixtures / "official_torch" / "crate_alpha_cls_shared.pth", tmp_path / "cls", heads=4)
     r = run_eval(str(demo_data[0] / "imagefolder" / "val"), str(tmp_path / "e.json"), model=f"local-dir:{tmp_path / 'cls'}")
     assert r["samples"] == demo_data[1]["test_samples"] and r["image_size"] == 32 and 0 <= r["top1"] <= 100
+    # the same under torch.compile (cls-eval --torchcompile)
+    rc = run_eval(str(demo_data[0] / "imagefolder" / "val"), str(tmp_path / "c.json"),
+                  model=f"local-dir:{tmp_path / 'cls'}", torchcompile="inductor")
+    assert rc["torchcompile"] == "inductor" and rc["top1"] == pytest.approx(r["top1"], abs=0.5)
     r = subprocess.run(["make", "-s", "cls-eval", f"VAL={demo_data[0] / 'imagefolder' / 'val'}",
                         f"MODEL=local-dir:{tmp_path / 'cls'}", f"EVAL_OUT={tmp_path / 'm.json'}"],
                        cwd=REPO, capture_output=True, text=True, check=False)
