@@ -39,7 +39,7 @@ VARIANTS = ("crate-alpha eager", "crate-alpha compiled", "official einsum", "tim
 PRECISIONS = ("fp32", "bf16")
 MODES = ("inference", "train step")
 
-# Sized for a default run within ~10 minutes on 2 CPU cores: B/16 at 224 took 6.7 minutes there
+# Sized for a default run within ~10 minutes on 2 CPU cores: B/16 at 224 took 3.7 minutes there
 # with torch.compile's cache warm; a cold cache adds the four compilations (~30-80 s each).
 # Each row runs 2 untimed steps plus the repeats, and the train step (about 3x the forward
 # per image) gets half the inference batch.
