@@ -121,7 +121,8 @@ def test_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "seg"
     out.mkdir()
     (out / "mine.txt").write_text("not the demo's")
-    assert sd.main(["--out", str(out), "--budget-s", "3", "--eval-images", "16"]) == 0
+    from crate_alpha import cli
+    assert cli.main(["demo-segment", "--out", str(out), "--budget-s", "3", "--eval-images", "16"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert [r["model"] for r in rows] == ["crate-alpha-demo", "crate-demo", "vit-demo"]
@@ -141,5 +142,5 @@ def test_end_to_end_tiny(tmp_path, capsys):
     for r in rows:
         assert (out / f"{r['model']}.safetensors").stat().st_size > 0
     assert (out / "mine.txt").read_text() == "not the demo's"
-    assert not list(out.glob("*.tmp*"))
+    assert not list(out.glob("*.tmp*")) and not list(out.glob(".*partial*"))
     assert "vit-demo" in capsys.readouterr().out

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import write_json
+from .common import atomic_write, write_json
+from .visualize import save_png
 
 SIZE = 64
 DIGIT_SIZES = (24, 44)          # pasted digit side, px (inclusive)
@@ -355,12 +356,14 @@ def _save_state(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)               # as any other file written here, not the library's 0600
-    os.replace(tmp, path)
+
+    def write(tmp):
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~umask)           # as any other file written here, not the library's 0600
+
+    atomic_write(path, write)
 
 
 def plot(test: Dict[str, torch.Tensor], results: Dict[str, dict], path: Path, columns: int = 8) -> Path:
@@ -392,11 +395,7 @@ def plot(test: Dict[str, torch.Tensor], results: Dict[str, dict], path: Path, co
             if j == 0:
                 ax.set_ylabel(title, fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 def table(rows: List[dict]) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .common import write_json
-from .whitebox import WhiteboxError, _batches, normalisation, prepare
+from .whitebox import WhiteboxError, batches, normalisation, prepare
 
 
 def _to_size(masks: torch.Tensor, hw) -> np.ndarray:
@@ -57,7 +57,7 @@ def voc_coarse_miou(model, voc_root: os.PathLike, split: str = "val", limit: Opt
     size = size or native
     inter = np.zeros(2)
     union = np.zeros(2)
-    for batch in _batches(ids, batch_size):
+    for batch in batches(ids, batch_size):
         pics = [Image.open(root / "JPEGImages" / f"{i}.jpg").convert("RGB") for i in batch]
         # No crop here: the whole image is scored, so it is resized (not cropped) to the square input.
         x, _ = prepare([p.resize((size, size), Image.BICUBIC) for p in pics], size, mean, std)
@@ -106,7 +106,7 @@ def coco_maskcut_ap(model, images_dir: os.PathLike, annotations: os.PathLike, li
     mean, std, native = normalisation(model, enc)
     size = size or native
     dets: List[dict] = []
-    for batch in _batches(img_ids, batch_size):
+    for batch in batches(img_ids, batch_size):
         infos = gt.loadImgs(batch)
         pics = []
         for info in infos:

@@ -8,6 +8,8 @@ from typing import Dict, List
 
 import torch
 
+from .common import atomic_write
+
 _LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Contrastive_loss: ([0-9.]+)")
 
 
@@ -26,12 +28,10 @@ def save_png(fig, path: Path) -> Path:
     """Write ``fig`` to ``path`` whole or not at all (temporary file, then rename)."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(curves: Dict[str, List[tuple]], path: os.PathLike, ylabel: str = "contrastive loss") -> Path:

@@ -95,7 +95,7 @@ def read_images(source: os.PathLike, limit: int) -> Iterator[Tuple[str, "object"
             n += 1
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
+def batches(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for it in items:
         batch.append(it)
@@ -137,7 +137,7 @@ def explain(images: Sequence[os.PathLike], model, out_dir: os.PathLike, num_mask
         raise WhiteboxError(f"no images found in {', '.join(map(str, images))}")
     written = []
     summary = []
-    for batch in _batches(pics, 8):
+    for batch in batches(pics, 8):
         x, shown = prepare([im for _, im in batch], size, mean, std)
         att = interpret.attention(enc, x).mean(2)          # (B, layers, gh, gw), heads averaged
         pca = interpret.pca_features(enc, x)
@@ -177,7 +177,7 @@ def diagnose(model, source: os.PathLike, out_dir: os.PathLike, max_images: int =
     mean, std, native = normalisation(model, enc)
     size = size or native
     totals, n = None, 0
-    for batch in _batches(read_images(source, max_images), batch_size):
+    for batch in batches(read_images(source, max_images), batch_size):
         x, _ = prepare([im for _, im in batch], size, mean, std)
         rows = interpret.layer_diagnostics(enc, x)
         b = len(batch)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ..common import write_json
+from ..common import atomic_write, write_json
 
 from .download import download
 from .loopback import serve_folder
@@ -57,15 +57,16 @@ def _jpeg(img: Image.Image) -> bytes:
 
 
 def write_tar(path: Path, samples) -> None:
-    tmp = path.with_suffix(".tar.tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                info.mtime = 0
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+    def write(tmp):
+        with tarfile.open(tmp, "w") as tar:
+            for key, files in samples:
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    tar.addfile(info, io.BytesIO(data))
+
+    atomic_write(path, write)
 
 
 def build_demo(out_dir: os.PathLike, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0,

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ..common import write_json
+from ..common import atomic_write, write_json
 
 from .ownership import DataError, check_may_write, claim, clear_owned
 from .sample_checks import checked_img2dataset
@@ -104,11 +104,7 @@ def filter_metadata(inputs: Sequence[os.PathLike], out_path: os.PathLike, filter
         fn = {">=": pc.greater_equal, "<=": pc.less_equal, "==": pc.equal, "!=": pc.not_equal,
               ">": pc.greater, "<": pc.less}[op]
         table = table.filter(pc.fill_null(fn(table[col], value), False))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_path)
+    atomic_write(out_path, lambda tmp: pq.write_table(table, tmp))
     return {"rows_in": n_in, "rows_kept": table.num_rows, "no_caption": no_caption, "columns": table.column_names}
 
 
