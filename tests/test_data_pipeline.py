@@ -183,3 +183,15 @@ def test_cli_errors_name_the_path(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(tmp_path / "none")],
                        capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2 and str(tmp_path / "none") in r.stderr and "Traceback" not in r.stderr
+
+
+def test_input_stage_profile(tmp_path):
+    from crate_alpha.data.bench import plot_profile, profile_stages
+
+    prof = profile_stages(32, 64, samples=16, batch=8)
+    stages = prof["seconds_per_sample"]
+    assert set(stages) == {"tar read", "JPEG decode (full)", "random resized crop", "JPEG decode + crop (reduced-size)",
+                           "to-tensor + normalise", "caption tokenisation", "collation"}
+    assert all(v > 0 for v in stages.values())
+    png = plot_profile([prof], tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 _FORCE_HELP = ("replace an existing OUT_DIR, if it is empty or a model folder written by crate-alpha "
                "(any other files are never deleted)")
@@ -102,8 +103,9 @@ def _data_demo(a):
 
 
 def _data_bench(a):
-    from .data.bench import bench_decode
+    from .data.bench import bench_decode, profile
 
+    profile(str(Path(a.out).with_name("data_profile.json")), samples=a.profile_samples)
     bench_decode(a.size, a.source_size, a.samples, a.out)
 
 
@@ -141,7 +143,8 @@ def _add_data(sub) -> None:
     m.add_argument("--force", action="store_true",
                    help="rebuild an existing demo corpus (a folder it did not write is never touched)")
     m.set_defaults(fn=_data_demo)
-    b = dsub.add_parser("bench", help="decode throughput: plain vs reduced-size JPEG decode")
+    b = dsub.add_parser("bench", help="input path per stage (JSON + PNG), and plain vs reduced-size JPEG decode")
+    b.add_argument("--profile-samples", type=int, default=256, help="samples per stage in the stage profile")
     b.add_argument("--size", type=int, default=84)
     b.add_argument("--source-size", type=int, default=256)
     b.add_argument("--samples", type=int, default=600)

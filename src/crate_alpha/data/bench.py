@@ -1,4 +1,13 @@
-"""Samples/s per core of the training decode at 84 px from 256 px JPEG shards: plain vs draft."""
+"""Where the training input path spends its time, per sample and per core (``crate-alpha data bench``).
+
+``profile_stages`` times each stage of what open_clip_train's webdataset pipeline does to
+a sample, one at a time on one core: tar read, JPEG decode (plain, and reduced-size with
+the crop), random resized crop, to-tensor + normalise, caption tokenisation, and
+collation into a batch. The shards are made on the spot from real photos (scikit-learn's
+sample images, random crops stored as img2dataset stores them: shorter side = source
+size) with captions of DataComp's typical length. ``bench_decode`` compares the plain and
+the reduced-size decode end to end.
+"""
 from __future__ import annotations
 
 import io
@@ -29,6 +38,125 @@ def _make_shards(folder: Path, n: int, size: int) -> list:
         samples.append((f"{i:06d}", {"jpg": buf.getvalue(), "txt": CLASSNAMES[digits.target[k]].encode()}))
     write_tar(folder / "000000.tar", samples)
     return [str(folder / "000000.tar")]
+
+
+CAPTION_WORDS = ("a photo of the old stone building near the river with trees and people walking on a sunny day "
+                 "in summer close up view of red flowers in a garden macro shot").split()
+
+
+def _photo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
+    """``n`` JPEG samples cut from real photos, shorter side ``size`` (img2dataset's keep_ratio)."""
+    from sklearn.datasets import load_sample_images
+
+    from .digits import write_tar
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        w, h = im.size
+        cw, ch = int(rng.integers(w // 3, w)), int(rng.integers(h // 3, h))
+        x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
+        crop = im.crop((x, y, x + cw, y + ch))
+        r = size / min(cw, ch)
+        crop = crop.resize((max(size, round(cw * r)), max(size, round(ch * r))), Image.BICUBIC)
+        buf = io.BytesIO()
+        crop.save(buf, "JPEG", quality=95)
+        words = rng.choice(CAPTION_WORDS, int(rng.integers(6, 20)))
+        samples.append((f"{i:06d}", {"jpg": buf.getvalue(), "txt": " ".join(words).encode()}))
+    write_tar(folder / "000000.tar", samples)
+    return [str(folder / "000000.tar")]
+
+
+def _per_sample(fn, items, repeats: int = 3) -> float:
+    """Best-of-``repeats`` seconds per item of ``fn`` over ``items``."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for it in items:
+            fn(it)
+        best = min(best, (time.perf_counter() - t) / max(len(items), 1))
+    return best
+
+
+def profile_stages(size: int, source_size: int, samples: int = 256, batch: int = 64) -> dict:
+    """Seconds per sample of each input stage on one core, for ``size`` px from ``source_size`` px shards."""
+    import tarfile
+
+    import open_clip
+    from torchvision import transforms
+    from webdataset.filters import default_collation_fn
+
+    from .decode import decode_crop
+
+    torch.set_num_threads(1)
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    tokenizer = open_clip.get_tokenizer("crate-alpha-demo")
+    crop = transforms.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    with tempfile.TemporaryDirectory() as tmp:
+        url = _photo_shards(Path(tmp), samples, source_size)[0]
+
+        def read_tar(_):
+            with tarfile.open(url) as tar:
+                return [tar.extractfile(m).read() for m in tar]
+
+        t_tar = _per_sample(read_tar, [None]) / samples
+        with tarfile.open(url) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar}
+    jpgs = [v for k, v in files.items() if k.endswith(".jpg")]
+    texts = [v.decode() for k, v in files.items() if k.endswith(".txt")]
+    decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpgs]
+    crops = [crop(im) for im in decoded]
+    tensors = [to_tensor(c) for c in crops]
+    tokens = [tokenizer(t)[0] for t in texts]
+    pairs = list(zip(tensors, tokens))
+    batches = [pairs[i:i + batch] for i in range(0, len(pairs) - batch + 1, batch)]
+    stages = {
+        "tar read": t_tar,
+        "JPEG decode (full)": _per_sample(lambda b: Image.open(io.BytesIO(b)).convert("RGB"), jpgs),
+        "random resized crop": _per_sample(crop, decoded),
+        "JPEG decode + crop (reduced-size)": _per_sample(lambda b: decode_crop(b, size, scale=(0.9, 1.0)), jpgs),
+        "to-tensor + normalise": _per_sample(to_tensor, crops),
+        "caption tokenisation": _per_sample(lambda t: tokenizer(t)[0], texts),
+        "collation": _per_sample(default_collation_fn, batches) / batch,
+    }
+    return {"size": size, "source_size": source_size, "samples": samples, "seconds_per_sample": stages}
+
+
+def plot_profile(profiles: list, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..visualize import save_png
+
+    fig, axes = plt.subplots(1, len(profiles), figsize=(6.5 * len(profiles), 3.8), squeeze=False)
+    for ax, prof in zip(axes[0], profiles):
+        names = list(prof["seconds_per_sample"])
+        ax.barh(names, [1e6 * prof["seconds_per_sample"][n] for n in names], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set_xlabel("µs per sample (one core)")
+        ax.set_title(f"{prof['source_size']} px shards -> {prof['size']} px")
+    fig.tight_layout()
+    return save_png(fig, Path(path))
+
+
+def profile(out="runs/bench/data_profile.json", samples: int = 256) -> list:
+    """The stage profile at the demo's settings (32 px from 64 px) and the paper's (84 from 256)."""
+    from ..common import write_json
+
+    profiles = [profile_stages(32, 64, samples), profile_stages(84, 256, samples)]
+    for prof in profiles:
+        print(f"\n{prof['source_size']} px shards -> {prof['size']} px, one core:")
+        for name, sec in prof["seconds_per_sample"].items():
+            print(f"  {name:<36} {1e6 * sec:8.1f} µs/sample  ({1 / sec:9.0f} samples/s)")
+    write_json(profiles, out)
+    png = plot_profile(profiles, Path(out).with_suffix(".png"))
+    print(f"wrote {out} and {png}")
+    return profiles
 
 
 def bench_decode(size: int = 84, source_size: int = 256, samples: int = 600, out="runs/bench/data.json") -> list:
