@@ -50,7 +50,8 @@ def get_config(arg=None):
             mixup=0.0,
             cutmix=0.0,
             crop_pct=1.0,
-            workers=0,
+            workers=1,              # the other core trains; batches are ready before they are asked for
+            prefetch_factor=4,
             output="runs/demo-cls",
         )
     elif arg:

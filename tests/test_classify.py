@@ -68,6 +68,10 @@ def test_short_training_from_scratch_and_eval(demo_data, tmp_path):
     assert s["epochs"] == 4 and len(s["history"]) == 4
     assert s["top1"] > 25.0  # it learns: 10 classes, chance is 10% (the demo measures quality)
     assert (tmp_path / "s" / "curves.png").stat().st_size > 0
+    # timm's Data / Batch timing: in the log rows and over the run
+    rows = [json.loads(line) for line in (tmp_path / "s" / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 <= r["data_time"] <= r["batch_time"] for r in rows)
+    assert 0 <= s["data_wait_share"] < 1 and s["batch_time"] > 0
     r = run_eval(str(demo_data[0] / "imagefolder" / "val"), str(tmp_path / "e.json"), checkpoint=s["checkpoint"])
     assert r["samples"] == demo_data[1]["test_samples"]
     # the same evaluation over webdataset shards (.jpg + .cls)

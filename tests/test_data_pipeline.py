@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from crate_alpha.data import verify as verify_mod
@@ -160,23 +161,88 @@ def test_loader_skips_and_counts_damage(damaged_shards):
     assert images[0].shape[1:] == (3, 16, 16)
 
 
+def _smooth_jpeg(w=340, h=256, quality=95, mode="RGB"):
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    arr = np.stack([np.sin(6 * y) * np.cos(5 * x), x * y, np.cos(3 * y) * np.sin(4 * x)], -1) * 127 + 128
+    buf = io.BytesIO()
+    img = Image.fromarray(arr.astype(np.uint8))
+    img.convert(mode).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def test_fast_decode_matches_plain_crop():
     import torchvision.transforms.functional as TF
 
-    x, y = np.meshgrid(np.linspace(0, 1, 340), np.linspace(0, 1, 256))
-    arr = np.stack([np.sin(6 * y) * np.cos(5 * x), x * y, np.cos(3 * y) * np.sin(4 * x)], -1) * 127 + 128
-    buf = io.BytesIO()
-    Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=95)
-    data = buf.getvalue()
+    from crate_alpha.data.decode import _reduction, image_size
+
+    data = _smooth_jpeg()
+    assert image_size(data) == (340, 256)
     full = Image.open(io.BytesIO(data)).convert("RGB")
     for box in [(0, 0, 256, 340), (10, 40, 200, 180), (30, 20, 120, 100)]:
         fast = np.asarray(decode_crop(data, 84, box, draft=True), float)
         plain = np.asarray(TF.resized_crop(full, *box, [84, 84], interpolation=TF.InterpolationMode.BICUBIC), float)
+        assert fast.shape == (84, 84, 3)
         assert np.abs(fast - plain).mean() < 2.0, box
-    # the large crop was really decoded at reduced size
-    im = Image.open(io.BytesIO(data))
-    im.draft("RGB", (170, 128))
-    assert im.size == (170, 128)
+    # the large crops are really decoded at 1/2 scale, the small one at full size
+    assert _reduction(256, 84) == 2 and _reduction(180, 84) == 2 and _reduction(100, 84) == 1
+    assert _reduction(700, 84) == 4 and _reduction(5000, 84) == 8
+
+
+def test_fast_decode_other_inputs():
+    # grayscale JPEG -> 3 channels; PNG (no JPEG header) decoded whole; garbage -> a clear error
+    gray = decode_crop(_smooth_jpeg(mode="L"), 32)
+    assert gray.shape == (32, 32, 3) and np.allclose(gray[..., 0], gray[..., 1], atol=1)
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 40), (200, 10, 30)).save(buf, "PNG")
+    red = decode_crop(buf.getvalue(), 16)
+    assert red.shape == (16, 16, 3) and tuple(red[8, 8]) == (200, 10, 30)  # RGB order, not OpenCV's BGR
+    with pytest.raises(ValueError, match="does not decode"):
+        decode_crop(b"\xff\xd8 not really a jpeg", 16)
+
+
+def test_crop_parameters_follow_torchvision():
+    import random
+
+    from crate_alpha.data.decode import sample_crop
+
+    rng = random.Random(0)
+    for _ in range(500):
+        top, left, h, w = sample_crop(300, 200, (0.4, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top and top + h <= 200 and 0 <= left and left + w <= 300
+        assert 0.4 * 60000 * 0.97 <= h * w <= 60000 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    # no crop of that area fits a very wide image: torchvision's fallback, a centred crop at the max ratio
+    assert sample_crop(1000, 10, (0.99, 1.0), (1.0, 1.0), rng) == (0, 495, 10, 10)
+
+
+def test_normalised_tensor_equals_torchvision():
+    from torchvision import transforms
+
+    from crate_alpha.data.decode import ToNormalizedTensor
+
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    mean, std = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
+    ref = transforms.Normalize(mean, std)(transforms.ToTensor()(rgb))
+    out = ToNormalizedTensor(mean, std)(rgb)
+    assert out.is_contiguous() and out.shape == (3, 20, 24)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_open_clip_train_loader_throughput(tmp_path):
+    # open_clip_train's own loader, with the patches, one worker: every sample arrives, in
+    # shared memory, normalised like open_clip's own path
+    from crate_alpha.data.bench import _demo_shards, _replicate, loader_throughput, train_loader
+
+    urls = _replicate(_demo_shards(tmp_path, 40, 64)[0], 2)
+    means = []
+    for reduced in (False, True):
+        batches = list(train_loader(urls, 32, reduced, batch=16, workers=1))
+        assert sum(len(b[0]) for b in batches) == 80
+        images, texts = batches[0]
+        assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32 and texts.shape[0] == 16
+        assert images.is_shared()  # collated straight into shared memory
+        means.append(torch.cat([b[0] for b in batches]).mean().item())
+        assert loader_throughput(urls, 32, reduced, batch=16, passes=1) > 0
+    assert abs(means[0] - means[1]) < 0.05
 
 
 def test_cli_errors_name_the_path(tmp_path):
@@ -190,8 +256,21 @@ def test_input_stage_profile(tmp_path):
 
     prof = profile_stages(32, 64, samples=16, batch=8)
     stages = prof["seconds_per_sample"]
-    assert set(stages) == {"tar read", "JPEG decode (full)", "random resized crop", "JPEG decode + crop (reduced-size)",
-                           "to-tensor + normalise", "caption tokenisation", "collation"}
+    assert set(stages) == {"tar read", "JPEG decode (full, PIL)", "random resized crop (torchvision)",
+                           "JPEG decode + crop (reduced-size)", "to-tensor + normalise",
+                           "to-tensor + normalise (one pass)", "caption tokenisation", "collation"}
     assert all(v > 0 for v in stages.values())
     png = plot_profile([prof], tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_wait_share_from_open_clip_train_log(tmp_path):
+    from crate_alpha.visualize import open_clip_data_wait
+
+    log = tmp_path / "out.log"
+    fmt = "2026-11-24,19:07:26 | INFO | Train Epoch: {} [{:>4}/1472 ({}%)] Data (t): {} Batch (t): {}, 1/s LR: 0.1"
+    log.write_text("\n".join([fmt.format(0, 64, 4, "0.200", "0.500"), fmt.format(0, 1472, 100, "0.000", "0.100"),
+                              "INFO | Start epoch 1", fmt.format(1, 64, 4, "0.200", "0.500"),
+                              fmt.format(1, 1472, 100, "0.000", "0.100")]))
+    # per epoch: one step waits 0.2 of 0.5 s, 22 steps wait nothing of 0.1 s each
+    assert abs(open_clip_data_wait(log) - 0.4 / (1.0 + 4.4)) < 1e-9

@@ -36,6 +36,24 @@ def test_open_clip_train_patches_take_effect():
     assert opt.defaults["fused"] is True
 
 
+def test_loader_prefetch_and_shared_memory_collation():
+    import open_clip_train.data as data
+    import torch
+    import webdataset as wds
+
+    from crate_alpha.data.decode import SkipCounter
+    from crate_alpha.patches import install
+
+    install(SkipCounter(), fast_decode=True, prefetch_factor=5)
+    pipeline = wds.DataPipeline(lambda: iter([(torch.ones(3), torch.zeros(2))] * 4), data.wds.batched(2))
+    loader = data.wds.WebLoader(pipeline, batch_size=None, num_workers=1)
+    assert loader.prefetch_factor == 5
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3) and batches[0][0].is_shared()
+    install(SkipCounter(), fast_decode=True)  # a second run in the process gets its own setting
+    assert data.wds.WebLoader(pipeline, batch_size=None, num_workers=1).prefetch_factor == 2
+
+
 def test_no_private_registry_is_replaced():
     # timm names through register_model, open_clip configs through add_model_config: both public
     from timm.models import _registry

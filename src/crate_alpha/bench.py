@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="the tiny demo model at 32 px: seconds instead of minutes")
     p.add_argument("--out", default="runs/bench/model.json", help="results JSON; the PNG and --xla's xla.json go "
                                                                   "beside it")
+    p.add_argument("--clipa", action="store_true", help="the CLIPA resolution effect instead: the L/14 image tower's "
+                                                        "train step at 84, 112 and 224 px (writes clipa.json + PNG)")
+    p.add_argument("--clipa-batch", type=int, help=f"per-device batch of --clipa (default {CLIPA_DEVICE_BATCH} on a "
+                                                   f"GPU, the recipe's; {CLIPA_CPU_BATCH} on a CPU)")
     p.add_argument("--xla", action="store_true", help="train step on XLA:CPU beside eager CPU (needs torch_xla: "
                                                       ".venv-xla); writes xla.json beside --out")
 
@@ -91,6 +95,8 @@ def _resolve(args: argparse.Namespace, defaults: Dict) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "clipa", False):
+        return _run_clipa(args)
     if args.xla:
         return _run_xla(_resolve(args, XLA_QUICK if args.quick else XLA_DEFAULTS))
     a = _resolve(args, QUICK if args.quick else DEFAULTS)
@@ -497,3 +503,95 @@ def _run_xla(a: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(run(_parser().parse_args()))
+
+
+# --------------------------------------------------------------------------------------
+# The CLIPA resolution effect
+# --------------------------------------------------------------------------------------
+
+# The recipe's per-device batch: 32,768 over the 256 devices of a TPU v3-256, the machine
+# CLIPA's scripts were run on. One L/14 step at 224 px and batch 128 is ~120 TFLOP, minutes
+# on a 2-core CPU, so there the default is a small batch (and the ratios are smaller: fixed
+# per-step costs, the optimizer step included, weigh more).
+CLIPA_DEVICE_BATCH = 128
+CLIPA_CPU_BATCH = 8
+CLIPA_SIZES = (84, 112, 224)
+
+
+def clipa_resolution(model: str, sizes, batch: int, device: torch.device, repeats: int = 1) -> dict:
+    """Seconds per train step of the CLIPA image tower at each resolution (bf16 autocast,
+    gradient checkpointing and AdamW, as the recipe), beside its token count and FLOPs."""
+
+    import crate_alpha  # noqa: F401  (registers the open_clip configs)
+
+    rows = []
+    for size in sizes:
+        seconds, flops = _tower_step(model, size, batch, device, repeats)
+        rows.append({"size": size, "tokens": (size // 14) ** 2 + 1, "batch": batch, "seconds_per_step": seconds,
+                     "forward_gflop_per_image": flops / 1e9})
+        print(f"{model} image tower, {size:>3} px ({rows[-1]['tokens']:>3} tokens), batch {batch}: "
+              f"{seconds:7.2f} s/step", flush=True)
+    top = rows[-1]
+    for r in rows:
+        r["speedup_vs_largest"] = top["seconds_per_step"] / r["seconds_per_step"]
+        r["token_ratio_vs_largest"] = top["tokens"] / r["tokens"]
+        r["flop_ratio_vs_largest"] = top["forward_gflop_per_image"] / r["forward_gflop_per_image"]
+    return {"model": model, "device": str(device), "batch": batch, "rows": rows}
+
+
+def _tower_step(model: str, size: int, batch: int, device: torch.device, repeats: int) -> tuple:
+    """(median seconds of one train step, forward FLOPs per image) of ``model``'s image tower."""
+    import open_clip
+
+    tower = open_clip.create_model(model, force_image_size=size).visual.to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    flops = count_flops(tower, x[:1], x[:1], "inference")
+    tower.train().set_grad_checkpointing(True)
+    opt = torch.optim.AdamW(tower.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+
+    def step():
+        with _autocast(device, "bf16"):
+            loss = tower(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+
+    return _median_seconds(step, repeats, warmup=1), flops
+
+
+def plot_clipa(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .visualize import save_png
+
+    rows = result["rows"]
+    labels = [f"{r['size']} px" for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.27 for x in xs], [r["speedup_vs_largest"] for r in rows], 0.27, label="measured step speed-up")
+    ax.bar(list(xs), [r["token_ratio_vs_largest"] for r in rows], 0.27, label="fewer tokens")
+    ax.bar([x + 0.27 for x in xs], [r["flop_ratio_vs_largest"] for r in rows], 0.27, label="fewer FLOPs")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel(f"x vs {rows[-1]['size']} px")
+    ax.set_title(f"{result['model']} image tower, batch {result['batch']}, {result['device']}")
+    ax.legend()
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def _run_clipa(args: argparse.Namespace) -> int:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    batch = args.clipa_batch or (CLIPA_DEVICE_BATCH if device.type != "cpu" else CLIPA_CPU_BATCH)
+    model = "crate-alpha-demo" if args.quick else "crate-alpha-CLIPA-L-14"
+    result = clipa_resolution(model, CLIPA_SIZES if not args.quick else (16, 32, 64), batch, device)
+    for r in result["rows"]:
+        print(f"{r['size']:>3} px: {r['speedup_vs_largest']:.1f}x faster than {result['rows'][-1]['size']} px "
+              f"with {r['token_ratio_vs_largest']:.1f}x fewer tokens, {r['flop_ratio_vs_largest']:.1f}x fewer FLOPs")
+    out = Path(args.out).with_name("clipa.json")
+    write_json(result, out)
+    print(f"wrote {out} and {plot_clipa(result, out.with_suffix('.png'))}")
+    return 0

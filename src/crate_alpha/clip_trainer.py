@@ -43,7 +43,8 @@ DEFAULTS: Dict[str, Any] = {
     # data
     "train_data": None,                 # webdataset shard pattern, e.g. shards/{00000..00099}.tar
     "train_num_samples": None,          # samples per pass over the data; None: counted from the shards
-    "workers": 2,
+    "workers": 2,                       # loader processes per training process
+    "prefetch_factor": None,            # batches each worker keeps ready (None: torch's 2)
     "fast_decode": True,                # reduced-size JPEG decode before the random resized crop
     # schedule (stated for the reference batch; scaled to the batch actually used)
     "global_batch": 32768,
@@ -238,14 +239,14 @@ def run(recipe: str | None, overrides=(), dry_run: bool = False) -> dict:
     if device_of(cfg) == "xla":
         from . import xla
 
-        job = (args, cfg["fast_decode"], cfg["fsdp"], str(run_dir), sched["epochs"], n, t0)
+        job = (args, _loader(cfg), cfg["fsdp"], str(run_dir), sched["epochs"], n, t0)
         if cfg["fsdp"]:
             _xla_process(0, *job)  # SPMD is one process; torch_xla's launcher does not support it
         else:
             xla.launch(_xla_process, args=job)
         info["seconds"] = time.time() - t0
         return info
-    counter = _open_clip_train(args, cfg["fast_decode"])
+    counter = _open_clip_train(args, _loader(cfg))
     info["seconds"] = time.time() - t0
     info["skipped_damaged"] = counter.count
     if _rank() == 0:
@@ -253,7 +254,11 @@ def run(recipe: str | None, overrides=(), dry_run: bool = False) -> dict:
     return info
 
 
-def _open_clip_train(args: List[str], fast_decode: bool, xla_options=None):
+def _loader(cfg: dict) -> dict:
+    return {"fast_decode": cfg["fast_decode"], "prefetch_factor": cfg["prefetch_factor"]}
+
+
+def _open_clip_train(args: List[str], loader: dict, xla_options=None):
     import open_clip_train.main as ocm
 
     import crate_alpha  # noqa: F401  (registers the models in this process)
@@ -262,7 +267,7 @@ def _open_clip_train(args: List[str], fast_decode: bool, xla_options=None):
     from .patches import install
 
     counter = SkipCounter()
-    install(counter, fast_decode=fast_decode, xla=xla_options)
+    install(counter, xla=xla_options, **loader)
     root = logging.getLogger()
     before = list(root.handlers)
     try:
@@ -287,7 +292,7 @@ def _summary(run_dir: Path, t0: float, skipped: int, epochs: int, n: int) -> Non
                 "checkpoint": str(run_dir / "checkpoints" / "epoch_latest.pt")}, run_dir / "train_summary.json")
 
 
-def _xla_process(index: int, args: List[str], fast_decode: bool, fsdp: bool, run_dir: str, epochs: int, n: int,
+def _xla_process(index: int, args: List[str], loader: dict, fsdp: bool, run_dir: str, epochs: int, n: int,
                  t0: float) -> None:
     """One launcher process: open_clip_train on this process's XLA device."""
     from . import xla
@@ -302,7 +307,7 @@ def _xla_process(index: int, args: List[str], fast_decode: bool, fsdp: bool, run
     rank = _rank()
     metrics = str(Path(run_dir) / "xla_metrics.json") if rank == 0 else None
     options = XlaOptions(metrics_path=metrics, fsdp=fsdp)
-    counter = _open_clip_train(args, fast_decode, options)
+    counter = _open_clip_train(args, loader, options)
     if rank == 0:
         options.metrics.write()
         _summary(Path(run_dir), t0, counter.count, epochs, n)

@@ -40,6 +40,7 @@ def clip_checkpoint(out: Path, tag: str, stage: str = "finetune") -> Path:
 
 def run_model(tag: str, out: Path, data: Path, extra=()) -> dict:
     from .clip_trainer import run
+    from .visualize import open_clip_data_wait
     from .zeroshot import clip_benchmark_eval
 
     model = MODELS[tag]
@@ -68,6 +69,9 @@ def run_model(tag: str, out: Path, data: Path, extra=()) -> dict:
         "finetune_seconds": t2 - t1,
         "eval_seconds": t3 - t2,
         "pretrain_samples_per_s": n_pre / (t1 - t0),
+        # open_clip_train's own Data (t) over Batch (t), the whole run
+        "pretrain_data_wait": open_clip_data_wait(out / f"{tag}_pretrain" / "out.log"),
+        "finetune_data_wait": open_clip_data_wait(out / f"{tag}_finetune" / "out.log"),
         "finetune_samples_per_s": n_fin / (t2 - t1),
         "checkpoint": str(final),
     }
@@ -117,12 +121,13 @@ def _pictures(out: Path, tags) -> None:
 
 def table(rows) -> str:
     head = (f"{'model':<18} {'zero-shot top-1':>15} {'top-5':>7} {'pretrain s':>11} {'finetune s':>11} "
-            f"{'eval s':>7} {'total s':>8} {'pretrain samples/s':>19}")
-    lines = [head, "-" * len(head)]
+            f"{'eval s':>7} {'total s':>8} {'pretrain samples/s':>19} {'data wait pre/fine':>19}")
+    lines, nan = [head, "-" * len(head)], float("nan")
     for r in rows:
         lines.append(f"{r['model']:<18} {100 * r['zeroshot_top1']:>14.1f}% {100 * r['zeroshot_top5']:>6.1f}% "
                      f"{r['pretrain_seconds']:>11.0f} {r['finetune_seconds']:>11.0f} {r['eval_seconds']:>7.0f} "
-                     f"{r['seconds']:>8.0f} {r['pretrain_samples_per_s']:>19.0f}")
+                     f"{r['seconds']:>8.0f} {r['pretrain_samples_per_s']:>19.0f} "
+                     f"{100 * r.get('pretrain_data_wait', nan):>9.1f}%/{100 * r.get('finetune_data_wait', nan):.1f}%")
     return "\n".join(lines)
 
 
@@ -173,9 +178,11 @@ def demo_cls(runs: str = "runs", fresh: bool = False) -> list:
         extra = [] if init == "scratch" else [f"initial_checkpoint={encoder}"]
         s = train(recipe, common + extra + [f"experiment={init}"])
         rows.append({"init": init, "model": "crate_alpha_demo_patch8_64", "top1": s.get("top1"), "top5": s.get("top5"),
-                     "epochs": s["epochs"], "seconds": time.time() - t0, "checkpoint": s["checkpoint"]})
-    print(f"\n{'init':<20} {'top-1':>7} {'top-5':>7} {'epochs':>7} {'seconds':>8}")
+                     "epochs": s["epochs"], "seconds": time.time() - t0, "checkpoint": s["checkpoint"],
+                     "data_wait": s.get("data_wait_share")})
+    print(f"\n{'init':<20} {'top-1':>7} {'top-5':>7} {'epochs':>7} {'seconds':>8} {'data wait':>10}")
     for r in rows:
-        print(f"{r['init']:<20} {r['top1']:>6.2f}% {r['top5']:>6.2f}% {r['epochs']:>7} {r['seconds']:>8.0f}")
+        print(f"{r['init']:<20} {r['top1']:>6.2f}% {r['top5']:>6.2f}% {r['epochs']:>7} {r['seconds']:>8.0f} "
+              f"{100 * (r['data_wait'] or 0):>9.1f}%")
     print(f"written to {write_json(rows, out / 'results.json')}")
     return rows

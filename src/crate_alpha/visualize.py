@@ -24,6 +24,30 @@ def open_clip_losses(log_path: os.PathLike) -> List[tuple]:
     return points
 
 
+_TIMES = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)")
+
+
+def open_clip_data_wait(log_path: os.PathLike) -> float:
+    """Share of step time spent waiting for data over a whole open_clip_train run.
+
+    Each log line's ``Data (t)`` / ``Batch (t)`` average the steps since the line before in
+    that epoch; they are weighted by that step count.
+    """
+    data = batch = 0.0
+    prev, per_step = {}, None
+    for line in Path(log_path).read_text().splitlines():
+        m = _TIMES.search(line)
+        if not m:
+            continue
+        epoch, done = int(m[1]), int(m[2])
+        per_step = per_step or done  # the first line of a run is its first step
+        steps = max((done - prev.get(epoch, 0)) / per_step, 1.0)
+        prev[epoch] = done
+        data += steps * float(m[4])
+        batch += steps * float(m[5])
+    return data / batch if batch else float("nan")
+
+
 def save_png(fig, path: Path) -> Path:
     """Write ``fig`` to ``path`` whole or not at all (temporary file, then rename)."""
     import matplotlib.pyplot as plt

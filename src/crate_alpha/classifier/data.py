@@ -41,8 +41,16 @@ def num_classes_of(path) -> Optional[int]:
 
 
 def make_loader(path, transform, batch_size: int, train: bool, workers: int, rank: int = 0, world: int = 1,
-                seed: int = 0, num_samples: Optional[int] = None, counter=None) -> Tuple[object, int, object]:
-    """(loader, samples per epoch, sampler-or-None)."""
+                seed: int = 0, num_samples: Optional[int] = None, counter=None,
+                prefetch_factor: Optional[int] = None) -> Tuple[object, int, object]:
+    """(loader, samples per epoch, sampler-or-None).
+
+    Training loaders keep their worker processes between epochs (no re-fork and re-import
+    at every epoch start, which the step would wait for).
+    """
+    overlap = {"persistent_workers": train and workers > 0}
+    if workers and prefetch_factor:
+        overlap["prefetch_factor"] = prefetch_factor
     if is_folder(path):
         from torchvision.datasets import ImageFolder
 
@@ -53,8 +61,7 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
         else:
             sampler = torch.utils.data.RandomSampler(ds) if train else None
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                             drop_last=train, pin_memory=torch.cuda.is_available(),
-                                             persistent_workers=False)
+                                             drop_last=train, pin_memory=torch.cuda.is_available(), **overlap)
         return loader, len(ds), sampler
     import webdataset as wds
 
@@ -74,7 +81,6 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
     steps = math.ceil(n / (batch_size * world)) if not train else n // (batch_size * world)
     if train:
         ds = ds.with_epoch(max(steps // max(workers, 1), 1) if workers else steps)
-    loader = wds.WebLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=False)
+    loader = wds.WebLoader(ds, batch_size=None, shuffle=False, num_workers=workers, **overlap)
     return loader, n, None
 

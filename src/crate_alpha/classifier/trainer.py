@@ -50,7 +50,8 @@ DEFAULTS: Dict[str, Any] = {
     "train_data": None,             # ImageFolder directory or .tar shard pattern (.jpg + .cls)
     "val_data": None,
     "train_num_samples": None,      # for shards; None: counted
-    "workers": 4,
+    "workers": 4,                   # loader processes per training process
+    "prefetch_factor": None,        # batches each worker keeps ready (None: torch's 2)
     # optimisation
     "epochs": 91,
     "global_batch": 4096,
@@ -84,7 +85,7 @@ DEFAULTS: Dict[str, Any] = {
     "output": "runs/cls",
     "experiment": None,             # run folder name under output; None: the recipe's file name
     "seed": 0,
-    "log_interval": 50,             # steps between train_log.jsonl rows (loss and lr)
+    "log_interval": 50,             # steps between train_log.jsonl rows (loss, lr, data and batch time)
     # hardware
     "device": None,                 # None: cuda when available, else cpu; 'xla': TPU (or XLA:CPU)
     "fsdp": False,                  # on XLA: shard weights and batch over all devices (SPMD FSDP)
@@ -229,6 +230,39 @@ def _train_transform(cfg: dict, mean, std):
         interpolation="bicubic", mean=mean, std=std, re_prob=0.0)
 
 
+class StepTiming:
+    """Data wait and step time, as timm's train.py and open_clip_train log them (``Data`` / ``Batch``)."""
+
+    def __init__(self):
+        self.data = self.batch = 0.0  # whole run
+        self.steps = 0
+        self._data = self._batch = 0.0  # since the last log row
+        self._steps = 0
+
+    def add(self, data_time: float, batch_time: float) -> None:
+        self.data += data_time
+        self.batch += batch_time
+        self.steps += 1
+        self._data += data_time
+        self._batch += batch_time
+        self._steps += 1
+
+    @property
+    def data_share(self) -> float:
+        return self.data / self.batch if self.batch else 0.0
+
+    def interval(self) -> dict:
+        n = max(self._steps, 1)
+        row = {"data_time": self._data / n, "batch_time": self._batch / n}
+        self._data = self._batch = 0.0
+        self._steps = 0
+        return row
+
+    def totals(self) -> dict:
+        n = max(self.steps, 1)
+        return {"data_time": self.data / n, "batch_time": self.batch / n, "data_wait_share": self.data_share}
+
+
 def _train(cfg: dict) -> dict:
     num_classes = cfg["num_classes"] or num_classes_of(cfg["train_data"])
     on_xla = cfg.get("device") == "xla"
@@ -255,7 +289,8 @@ def _train(cfg: dict) -> dict:
         xla_rt.shard_module(model, mesh)
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     train_loader, n_train, sampler = make_loader(cfg["train_data"], _train_transform(cfg, mean, std), batch, True,
-                                                 cfg["workers"], rank, world, cfg["seed"], cfg["train_num_samples"])
+                                                 cfg["workers"], rank, world, cfg["seed"], cfg["train_num_samples"],
+                                                 prefetch_factor=cfg["prefetch_factor"])
     val_loader = None
     if cfg["val_data"] and rank == 0:
         val_loader, _, _ = make_loader(cfg["val_data"], eval_transform(cfg["img_size"], mean, std, cfg["crop_pct"]),
@@ -303,6 +338,7 @@ def _train(cfg: dict) -> dict:
         write_json({"recipe": cfg, "num_classes": num_classes, "lr": lr, "batch_per_process": batch,
                     "world_size": world, "init": init_report}, run_dir / "recipe.json")
     t0 = time.time()
+    timing = StepTiming()
     amp_dtype = _autocast_dtype(cfg)
     for epoch in range(start_epoch, cfg["epochs"]):
         if sampler is not None and hasattr(sampler, "set_epoch"):
@@ -311,7 +347,9 @@ def _train(cfg: dict) -> dict:
         total, count = 0.0, 0
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=rank != 0,
                    leave=False)
+        end = time.perf_counter()
         for x, y in bar:
+            waited = time.perf_counter() - end  # timm's data_time: how long the step waited for its batch
             x, y = x.to(device), torch.as_tensor(y).to(device)
             if mixup is not None:
                 x, y = mixup(x, y)
@@ -333,11 +371,14 @@ def _train(cfg: dict) -> dict:
             value = loss.item()
             total += value
             count += 1
-            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{lr_now:.2e}")
+            timing.add(waited, time.perf_counter() - end)
+            end = time.perf_counter()
+            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{lr_now:.2e}", data=f"{timing.data_share:.0%}")
             if rank == 0 and (num_updates % cfg["log_interval"] == 0 or num_updates == 1):
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": num_updates, "epoch": epoch + 1, "loss": value, "lr": lr_now}) + "\n")
+                    f.write(json.dumps({"step": num_updates, "epoch": epoch + 1, "loss": value, "lr": lr_now,
+                                        **timing.interval()}) + "\n")
         row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "seconds": time.time() - t0}
         if rank == 0:
             if val_loader is not None:
@@ -354,7 +395,7 @@ def _train(cfg: dict) -> dict:
         if world > 1:
             dist.barrier()
     summary = {"seconds": time.time() - t0, "epochs": cfg["epochs"], "history": history,
-               "checkpoint": str(latest), "num_classes": num_classes}
+               "checkpoint": str(latest), "num_classes": num_classes, **timing.totals()}
     if history:
         summary.update({k: history[-1][k] for k in ("top1", "top5") if k in history[-1]})
     if metrics is not None:
