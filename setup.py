@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "pandas",
     "pyarrow",
     "pillow",
+    "opencv-python-headless",  # crate_alpha.data.decode: reduced-size JPEG decode (img2dataset needs it too)
     "tqdm",
     "matplotlib",
     "pyyaml",

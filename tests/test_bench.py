@@ -79,3 +79,15 @@ def test_quick_bench_writes_every_row(tmp_path):
     png = tmp_path / "model.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(f.name for f in tmp_path.iterdir()) == ["model.json", "model.png"]  # no temp files left
+
+
+def test_clipa_resolution_effect(tmp_path):
+    from crate_alpha.bench import clipa_resolution, plot_clipa
+
+    result = clipa_resolution("crate-alpha-demo", (16, 32), batch=2, device=torch.device("cpu"))
+    low, high = result["rows"]
+    assert (low["size"], high["size"]) == (16, 32) and low["batch"] == 2
+    assert low["tokens"] < high["tokens"] and low["forward_gflop_per_image"] < high["forward_gflop_per_image"]
+    assert high["speedup_vs_largest"] == 1.0 and low["token_ratio_vs_largest"] == high["tokens"] / low["tokens"]
+    assert all(r["seconds_per_step"] > 0 for r in result["rows"])
+    assert plot_clipa(result, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -526,8 +526,8 @@ def clipa_resolution(model: str, sizes, batch: int, device: torch.device, repeat
 
     rows = []
     for size in sizes:
-        seconds, flops = _tower_step(model, size, batch, device, repeats)
-        rows.append({"size": size, "tokens": (size // 14) ** 2 + 1, "batch": batch, "seconds_per_step": seconds,
+        seconds, flops, tokens = _tower_step(model, size, batch, device, repeats)
+        rows.append({"size": size, "tokens": tokens, "batch": batch, "seconds_per_step": seconds,
                      "forward_gflop_per_image": flops / 1e9})
         print(f"{model} image tower, {size:>3} px ({rows[-1]['tokens']:>3} tokens), batch {batch}: "
               f"{seconds:7.2f} s/step", flush=True)
@@ -540,10 +540,11 @@ def clipa_resolution(model: str, sizes, batch: int, device: torch.device, repeat
 
 
 def _tower_step(model: str, size: int, batch: int, device: torch.device, repeats: int) -> tuple:
-    """(median seconds of one train step, forward FLOPs per image) of ``model``'s image tower."""
+    """(median seconds of one train step, forward FLOPs per image, tokens) of ``model``'s image tower."""
     import open_clip
 
     tower = open_clip.create_model(model, force_image_size=size).visual.to(device)
+    patch = getattr(tower, "trunk", tower).patch_embed.patch_size[0]
     x = torch.randn(batch, 3, size, size, device=device)
     flops = count_flops(tower, x[:1], x[:1], "inference")
     tower.train().set_grad_checkpointing(True)
@@ -557,7 +558,7 @@ def _tower_step(model: str, size: int, batch: int, device: torch.device, repeats
         opt.zero_grad(set_to_none=True)
         _sync(device)
 
-    return _median_seconds(step, repeats, warmup=1), flops
+    return _median_seconds(step, repeats, warmup=1), flops, (size // patch) ** 2 + 1
 
 
 def plot_clipa(result: dict, path: Path) -> Path:

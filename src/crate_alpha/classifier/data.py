@@ -45,10 +45,10 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
                 prefetch_factor: Optional[int] = None) -> Tuple[object, int, object]:
     """(loader, samples per epoch, sampler-or-None).
 
-    Training loaders keep their worker processes between epochs (no re-fork and re-import
-    at every epoch start, which the step would wait for).
+    Loaders keep their worker processes between epochs (no re-fork and re-import at every
+    epoch start or evaluation, which the step would wait for).
     """
-    overlap = {"persistent_workers": train and workers > 0}
+    overlap = {"persistent_workers": workers > 0}
     if workers and prefetch_factor:
         overlap["prefetch_factor"] = prefetch_factor
     if is_folder(path):

@@ -101,7 +101,7 @@ def profile_stages(size: int, source_size: int, samples: int = 256, batch: int =
         "random resized crop (torchvision)": _per_sample(crop, decoded),
         "JPEG decode + crop (reduced-size)": _per_sample(lambda b: decode_crop(b, size, scale=(0.9, 1.0)), jpgs),
         "to-tensor + normalise": _per_sample(to_tensor, crops),
-        "to-tensor + normalise (one pass)": _per_sample(one_pass, [np.asarray(c) for c in crops]),
+        "to-tensor + normalise (one pass)": _per_sample(one_pass, [np.array(c) for c in crops]),
         "caption tokenisation": _per_sample(lambda t: tokenizer(t)[0], texts),
         "collation": _per_sample(default_collate, batches) / batch,
     }
