@@ -52,7 +52,9 @@ TIMM_TRAIN_ARGS = {"model", "num_classes", "img_size", "drop_path", "torchcompil
 
 
 def test_recipe_keys_are_timm_train_arguments():
-    ours = {"train_data", "val_data", "train_num_samples", "global_batch", "new_head", "load_patch_embed", "fsdp"}
+    # ours, and torch DataLoader's prefetch_factor (timm's train.py has no flag for it)
+    ours = {"train_data", "val_data", "train_num_samples", "global_batch", "new_head", "load_patch_embed", "fsdp",
+            "prefetch_factor"}
     assert sorted(set(DEFAULTS) - TIMM_TRAIN_ARGS - ours) == []
 
 

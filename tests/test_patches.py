@@ -29,7 +29,8 @@ def test_open_clip_train_patches_take_effect():
     assert main.torch.nn.parallel.DistributedDataParallel is cpu_safe_ddp
     assert main.torch.save is __import__("torch").save  # open_clip_train's own (atomic latest) saving stays
     assert isinstance(data.wds.shuffle(100), SeededShuffle)
-    assert data.tarfile_to_samples_nothrow.__defaults__ == (counter,)
+    # installed once per process: a later install counts into its own counter's shared value
+    assert data.tarfile_to_samples_nothrow.__defaults__[0].value is counter.value
     data.log_and_continue(ValueError("damaged"))
     assert counter.count == 1
     opt = main.optim.AdamW([__import__("torch").nn.Parameter(__import__("torch").zeros(2))], lr=1e-3)
@@ -47,11 +48,11 @@ def test_loader_prefetch_and_shared_memory_collation():
     install(SkipCounter(), fast_decode=True, prefetch_factor=5)
     pipeline = wds.DataPipeline(lambda: iter([(torch.ones(3), torch.zeros(2))] * 4), data.wds.batched(2))
     loader = data.wds.WebLoader(pipeline, batch_size=None, num_workers=1)
-    assert loader.prefetch_factor == 5
+    assert loader.pipeline[0].prefetch_factor == 5  # WebLoader wraps a torch DataLoader
     batches = list(loader)
     assert len(batches) == 2 and batches[0][0].shape == (2, 3) and batches[0][0].is_shared()
     install(SkipCounter(), fast_decode=True)  # a second run in the process gets its own setting
-    assert data.wds.WebLoader(pipeline, batch_size=None, num_workers=1).prefetch_factor == 2
+    assert data.wds.WebLoader(pipeline, batch_size=None, num_workers=1).pipeline[0].prefetch_factor == 2
 
 
 def test_no_private_registry_is_replaced():
