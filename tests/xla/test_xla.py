@@ -41,8 +41,10 @@ def _run(args, devices=1, check=True):
 
 
 def _clip(demo_data, out, name, *extra):
+    # workers=0: the data order then depends on --seed alone, not on a loader worker's seed
+    # (drawn from the main process's generator, which model building on XLA advances differently)
     return ["crate_alpha.cli", "pretrain", "clipa_crate_alpha_L14_84_pretrain:demo",
-            f"train_data={demo_data[1]['train_shards']}", f"logs={out}", f"name={name}", *extra]
+            f"train_data={demo_data[1]['train_shards']}", f"logs={out}", f"name={name}", "workers=0", *extra]
 
 
 def _cls(demo_data, out, name, *extra):
