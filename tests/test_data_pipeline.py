@@ -227,6 +227,31 @@ def test_normalised_tensor_equals_torchvision():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_cached_tokenizer_gives_open_clips_ids():
+    import random
+    import string
+
+    import open_clip
+
+    from crate_alpha.data.tokenize import CachedTokenizer, fast_tokenizer
+
+    rng = random.Random(0)
+    alphabet = string.printable + "\u00e9\u00fc\u2014\u201c\u2019&amp;&lt;\U0001f600\ufb01\x1b\x00\u2028"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(400)]
+    texts += ["  Hello   WORLD &amp; co ", "don't stop", "\tTab\nline", "caf\u00e9", "\u00e2\u20ac\u2122 mojibake",
+              " ".join(["word"] * 120)]  # the last one is cut at the context length
+    for name in ("crate-alpha-demo", "crate-alpha-L-14"):
+        ref = open_clip.get_tokenizer(name)
+        if not CachedTokenizer.supports(ref):
+            continue
+        fast = fast_tokenizer(ref)
+        assert isinstance(fast, CachedTokenizer)
+        for text in texts + texts:  # the second pass reads the word cache
+            assert torch.equal(fast(text), ref(text)), repr(text)
+        assert torch.equal(fast(texts[:7], context_length=12), ref(texts[:7], context_length=12))
+        assert fast.vocab_size == ref.vocab_size
+
+
 def test_open_clip_train_loader_throughput(tmp_path):
     # open_clip_train's own loader, with the patches, one worker: every sample arrives, in
     # shared memory, normalised like open_clip's own path
@@ -258,7 +283,8 @@ def test_input_stage_profile(tmp_path):
     stages = prof["seconds_per_sample"]
     assert set(stages) == {"tar read", "JPEG decode (full, PIL)", "random resized crop (torchvision)",
                            "JPEG decode + crop (reduced-size)", "to-tensor + normalise",
-                           "to-tensor + normalise (one pass)", "caption tokenisation", "collation"}
+                           "to-tensor + normalise (one pass)", "caption tokenisation",
+                           "caption tokenisation (cached)", "collation"}
     assert all(v > 0 for v in stages.values())
     png = plot_profile([prof], tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

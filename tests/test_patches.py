@@ -35,6 +35,9 @@ def test_open_clip_train_patches_take_effect():
     assert counter.count == 1
     opt = main.optim.AdamW([__import__("torch").nn.Parameter(__import__("torch").zeros(2))], lr=1e-3)
     assert opt.defaults["fused"] is True
+    from crate_alpha.data.tokenize import CachedTokenizer
+
+    assert isinstance(main.get_tokenizer("crate-alpha-demo"), CachedTokenizer)
 
 
 def test_loader_prefetch_and_shared_memory_collation():

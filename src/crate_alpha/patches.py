@@ -18,6 +18,8 @@ configs are added with ``open_clip.add_model_config`` and timm names with
 * seeded sample shuffle: its sample-level ``wds.shuffle`` seeds from the clock and the
   pid, so two runs with the same ``--seed`` see different data orders; it is given a
   shuffle seeded from ``--seed`` (see ``SeededShuffle``);
+* cached tokenizer: the tokenizer open_clip_train gets from ``get_tokenizer`` is wrapped in
+  ``crate_alpha.data.tokenize.CachedTokenizer`` (same ids, ~3x less time per caption);
 * reduced-size JPEG decode: images stay encoded through webdataset's decode stage and the
   training transform decodes them with ``crate_alpha.data.decode`` (DCT-domain downscaling);
 * loader prefetch: open_clip_train's ``WebLoader`` takes no ``prefetch_factor`` (torch's
@@ -52,6 +54,7 @@ PATCHES = (
     ("open_clip_train.main", "optim", "optimizer = optim.AdamW("),
     ("open_clip_train.main", "create_model_and_transforms", "= create_model_and_transforms("),
     ("open_clip_train.main", "get_data", "data = get_data("),
+    ("open_clip_train.main", "get_tokenizer", "tokenizer = get_tokenizer("),
     ("open_clip_train.data", "log_and_continue", "handler=log_and_continue"),
     ("open_clip_train.data", "tarfile_to_samples_nothrow", "tarfile_to_samples_nothrow,"),
     ("open_clip_train.data", "filter_no_caption_or_no_image", "wds.select(filter_no_caption_or_no_image)"),
@@ -205,6 +208,14 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
             return torch.optim.AdamW(params, **kwargs)
 
     main.optim = _Optim("torch.optim")
+    get_tokenizer = main.get_tokenizer
+
+    def cached_get_tokenizer(*args, **kwargs):
+        from .data.tokenize import fast_tokenizer
+
+        return fast_tokenizer(get_tokenizer(*args, **kwargs))
+
+    main.get_tokenizer = cached_get_tokenizer
     if xla is not None:
         _install_xla(main, xla, metrics)
 

@@ -70,10 +70,12 @@ def profile_stages(size: int, source_size: int, samples: int = 256, batch: int =
     from torch.utils.data import default_collate
 
     from .decode import ToNormalizedTensor, decode_crop
+    from .tokenize import fast_tokenizer
 
     torch.set_num_threads(1)
     mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     tokenizer = open_clip.get_tokenizer("crate-alpha-demo")
+    cached = fast_tokenizer(tokenizer)
     crop = transforms.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     one_pass = ToNormalizedTensor(mean, std)
@@ -103,6 +105,7 @@ def profile_stages(size: int, source_size: int, samples: int = 256, batch: int =
         "to-tensor + normalise": _per_sample(to_tensor, crops),
         "to-tensor + normalise (one pass)": _per_sample(one_pass, [np.array(c) for c in crops]),
         "caption tokenisation": _per_sample(lambda t: tokenizer(t)[0], texts),
+        "caption tokenisation (cached)": _per_sample(lambda t: cached(t)[0], texts),
         "collation": _per_sample(default_collate, batches) / batch,
     }
     return {"size": size, "source_size": source_size, "samples": samples, "seconds_per_sample": stages}
@@ -187,7 +190,6 @@ def train_loader(urls: str, size: int, reduced_decode: bool, batch: int = 64, wo
     """
     import argparse
 
-    import open_clip
     import open_clip_train.data as data
     import open_clip_train.main as main
 
@@ -206,7 +208,7 @@ def train_loader(urls: str, size: int, reduced_decode: bool, batch: int = 64, wo
                               train_num_samples=count_samples(expand_shards(urls)),
                               train_data_upsampling_factors=None, seed=0, batch_size=batch, world_size=1,
                               workers=workers)
-    tokenizer = open_clip.get_tokenizer(model)
+    tokenizer = main.get_tokenizer(model)  # as open_clip_train gets it (patched: cached)
     return data.get_wds_dataset(args, train_tf, is_train=True, epoch=0, tokenizer=tokenizer).dataloader
 
 
