@@ -23,7 +23,9 @@ configs are added with ``open_clip.add_model_config`` and timm names with
 * reduced-size JPEG decode: images stay encoded through webdataset's decode stage and the
   training transform decodes them with ``crate_alpha.data.decode`` (DCT-domain downscaling);
 * loader prefetch: open_clip_train's ``WebLoader`` takes no ``prefetch_factor`` (torch's
-  default is 2 batches per worker); the recipe's is passed on;
+  default is 2 batches per worker); the recipe's is passed on; its workers are forked even
+  where the start method is spawn (in torch_xla's launched processes), since the pipeline
+  holds lambdas that a spawned worker cannot receive;
 * batches collated into shared memory: webdataset's collation stacks into ordinary memory,
   which the loader worker then copies into shared memory to send (10.8 MB per 128 x 84 px
   batch); torch's ``default_collate`` stacks straight into shared memory in a worker;
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import random
 import types
 from dataclasses import dataclass
@@ -247,8 +250,13 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
 
         @staticmethod
         def WebLoader(*args, **kwargs):  # noqa: N802 - mirrors wds.WebLoader
-            if kwargs.get("num_workers") and _loader_settings["prefetch_factor"]:
-                kwargs["prefetch_factor"] = _loader_settings["prefetch_factor"]
+            if kwargs.get("num_workers"):
+                if _loader_settings["prefetch_factor"]:
+                    kwargs["prefetch_factor"] = _loader_settings["prefetch_factor"]
+                if multiprocessing.get_start_method() != "fork" and "fork" in multiprocessing.get_all_start_methods():
+                    # open_clip_train's pipeline holds lambdas, which spawned workers cannot
+                    # unpickle; a process started by spawn (torch_xla's launcher) defaults to it
+                    kwargs.setdefault("multiprocessing_context", "fork")
             return wds.WebLoader(*args, **kwargs)
 
         if fast_decode:

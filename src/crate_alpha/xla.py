@@ -166,6 +166,22 @@ class StepMetrics:
             write_json({"steps": self.steps}, self.path)
 
 
+class _KeepError:
+    """Iterates ``loader``; an exception ends the iteration and is kept in ``error``."""
+
+    def __init__(self, loader):
+        self.loader, self.error = loader, None
+
+    def __iter__(self):
+        try:
+            yield from self.loader
+        except Exception as e:  # noqa: BLE001 - handed to the consuming thread
+            self.error = e
+
+    def __len__(self):
+        return len(self.loader)
+
+
 class DeviceLoader:
     """An open_clip_train / torch DataLoader whose batches arrive on the XLA device.
 
@@ -179,10 +195,14 @@ class DeviceLoader:
     def __iter__(self):
         import torch_xla.distributed.parallel_loader as pl
 
-        it = iter(pl.MpDeviceLoader(self._loader, self._device or device()))
-        if self._mesh is None:
-            return it
-        return (shard_batch(b, self._mesh) for b in it)
+        # torch_xla reads the CPU loader on a background thread, where an exception (a loader
+        # worker that cannot start, a broken shard list) only ends the thread: the epoch would
+        # look empty and training "finish" with no step; it is re-raised here instead
+        source = _KeepError(self._loader)
+        for batch in pl.MpDeviceLoader(source, self._device or device()):
+            yield batch if self._mesh is None else shard_batch(batch, self._mesh)
+        if source.error is not None:
+            raise source.error
 
     def __len__(self):
         return len(self._loader)

@@ -40,11 +40,13 @@ def _run(args, devices=1, check=True):
     return r
 
 
-def _clip(demo_data, out, name, *extra):
-    # workers=0: the data order then depends on --seed alone, not on a loader worker's seed
-    # (drawn from the main process's generator, which model building on XLA advances differently)
+def _clip(demo_data, out, name, *extra, workers=0):
+    # workers=0 where runs are compared: the data order then depends on --seed alone, not on a
+    # loader worker's seed (drawn from the main process's generator, which model building on
+    # XLA advances differently)
     return ["crate_alpha.cli", "pretrain", "clipa_crate_alpha_L14_84_pretrain:demo",
-            f"train_data={demo_data[1]['train_shards']}", f"logs={out}", f"name={name}", "workers=0", *extra]
+            f"train_data={demo_data[1]['train_shards']}", f"logs={out}", f"name={name}", f"workers={workers}",
+            *extra]
 
 
 def _cls(demo_data, out, name, *extra):
@@ -132,12 +134,34 @@ def test_clip_recipe_20_steps_match_cpu_and_compile_once(demo_data, tmp_path):
 
 
 def test_clip_recipe_bf16_on_xla(demo_data, tmp_path):
-    # the recipe's own precision (amp_bf16): runs, learns, and compiles once
+    # the recipe's own precision (amp_bf16) and loader worker (a forked one: torch_xla's
+    # launcher starts the device process by spawn): runs, learns, and compiles once
     _run(_clip(demo_data, tmp_path, "bf16", "device=xla", "epochs=1", f"train_num_samples={64 * STEPS}",
-               "log_every_n_steps=1"))
+               "log_every_n_steps=1", workers=1))
     losses = _clip_losses(tmp_path / "bf16")
     assert len(losses) == STEPS and sum(losses[-5:]) < sum(losses[:5])
     assert len(set(_compiles(tmp_path / "bf16")[2:])) == 1
+
+
+def test_device_loader_raises_what_the_cpu_loader_raised():
+    from crate_alpha.xla import DeviceLoader
+
+    def broken():
+        yield torch.zeros(2, 3)
+        raise RuntimeError("shard list is broken")
+
+    class Loader:
+        def __iter__(self):
+            return broken()
+
+        def __len__(self):
+            return 2
+
+    got = []
+    with pytest.raises(RuntimeError, match="shard list is broken"):
+        for batch in DeviceLoader(Loader()):
+            got.append(batch.cpu())
+    assert len(got) == 1 and got[0].shape == (2, 3)
 
 
 def test_cls_recipe_20_steps_match_cpu_and_compile_once(demo_data, tmp_path):
