@@ -32,3 +32,22 @@ def test_clip_benchmark_reads_the_test_split(demo_data):
     items = list(ds)
     assert len(items) == info["test_samples"]
     assert items[0][0] == (64, 64) and 0 <= int(items[0][1]) <= 9
+
+
+def test_fresh_deletes_only_run_folders_the_demo_wrote(tmp_path):
+    import pytest
+
+    from crate_alpha.common import CrateAlphaError
+    from crate_alpha.demo import DEMO_RUN, clear_runs
+    from crate_alpha.data.ownership import mark
+
+    ours, theirs, missing = tmp_path / "scratch", tmp_path / "clip_init", tmp_path / "none"
+    for f in (ours, theirs):
+        f.mkdir()
+        (f / "notes.txt").write_text("keep")
+    mark(ours, DEMO_RUN)
+    with pytest.raises(CrateAlphaError, match="not written by crate-alpha"):
+        clear_runs([ours, theirs])
+    assert (ours / "notes.txt").exists() and (theirs / "notes.txt").exists()  # nothing deleted
+    clear_runs([ours, missing])
+    assert not ours.exists() and (theirs / "notes.txt").exists()

@@ -15,12 +15,24 @@ checkout and from an installed package.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from .clip_trainer import checkpoint_path
 from .common import write_json
+from .data.ownership import check_may_write, clear_owned, mark
+
+# the demos mark the run folders they write, so --fresh deletes those and nothing else
+DEMO_RUN = "demo run"
+
+
+def clear_runs(folders) -> None:
+    """``--fresh``: delete these run folders if the demo wrote them; refuse (nothing deleted) otherwise."""
+    folders = [Path(f) for f in folders]
+    for f in folders:  # every folder checked before any is deleted
+        check_may_write(f, DEMO_RUN)
+    for f in folders:
+        clear_owned(f, DEMO_RUN)
 
 MODELS = {"crate-alpha": "crate-alpha-demo", "vit": "vit-demo"}
 PRETRAIN = "clipa_crate_alpha_L14_84_pretrain:demo"
@@ -49,9 +61,11 @@ def run_model(tag: str, out: Path, data: Path, extra=()) -> dict:
     _banner(f"{tag}: pre-training at 32 px")
     t0 = time.time()
     pre = run(PRETRAIN, common + [f"name={tag}_pretrain"])
+    mark(out / f"{tag}_pretrain", DEMO_RUN)
     t1 = time.time()
     _banner(f"{tag}: fine-tuning at 64 px")
     fin = run(FINETUNE, common + [f"name={tag}_finetune", f"init_from={clip_checkpoint(out, tag, 'pretrain')}"])
+    mark(out / f"{tag}_finetune", DEMO_RUN)
     t2 = time.time()
     _banner(f"{tag}: zero-shot evaluation with clip_benchmark")
     final = clip_checkpoint(out, tag)
@@ -143,9 +157,8 @@ def demo(runs: str = "runs", baseline: bool = False, only_baseline: bool = False
     tags = ["vit"] if only_baseline else (["crate-alpha", "vit"] if baseline else ["crate-alpha"])
     rows = []
     for tag in tags:
-        if fresh:  # only the run folders the demo itself writes
-            for stage in ("pretrain", "finetune"):
-                shutil.rmtree(out / f"{tag}_{stage}", ignore_errors=True)
+        if fresh:  # only run folders the demo itself wrote (refused otherwise)
+            clear_runs([out / f"{tag}_{stage}" for stage in ("pretrain", "finetune")])
         rows.append(run_model(tag, out, out / "data"))
     for r in rows:
         r["data_seconds"] = data_seconds
@@ -170,13 +183,14 @@ def demo_cls(runs: str = "runs", fresh: bool = False) -> list:
     common = [f"train_data={data / 'imagefolder' / 'train'}", f"val_data={data / 'imagefolder' / 'val'}",
               f"output={out}"]
     rows = []
+    if fresh:
+        clear_runs([out / init for init in CLS_RECIPES])
     for init, recipe in CLS_RECIPES.items():
-        if fresh:
-            shutil.rmtree(out / init, ignore_errors=True)
         _banner(f"classification: {init}")
         t0 = time.time()
         extra = [] if init == "scratch" else [f"initial_checkpoint={encoder}"]
         s = train(recipe, common + extra + [f"experiment={init}"])
+        mark(out / init, DEMO_RUN)
         rows.append({"init": init, "model": "crate_alpha_demo_patch8_64", "top1": s.get("top1"), "top5": s.get("top5"),
                      "epochs": s["epochs"], "seconds": time.time() - t0, "checkpoint": s["checkpoint"],
                      "data_wait": s.get("data_wait_share")})

@@ -149,7 +149,7 @@ def _demo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
     """``n`` samples as ``make demo``'s corpus stores them: digits at ``size`` px, JPEG q95, templated captions."""
     from sklearn.datasets import load_digits
 
-    from .digits import CAPTION_TEMPLATES, CLASSNAMES, _jpeg, digit_image, write_tar
+    from .digits import CAPTION_TEMPLATES, CLASSNAMES, digit_image, jpeg_q95, write_tar
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
@@ -157,7 +157,7 @@ def _demo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
     for i in range(n):
         k = i % len(digits.target)
         caption = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(CLASSNAMES[digits.target[k]])
-        samples.append((f"{i:06d}", {"jpg": _jpeg(digit_image(digits.data[k], size)), "txt": caption.encode()}))
+        samples.append((f"{i:06d}", {"jpg": jpeg_q95(digit_image(digits.data[k], size)), "txt": caption.encode()}))
     write_tar(folder / "000000.tar", samples)
     return [str(folder / "000000.tar")]
 

@@ -50,7 +50,8 @@ def digit_image(pixels: np.ndarray, size: int) -> Image.Image:
     return gray.resize((size, size), Image.BICUBIC).convert("RGB")
 
 
-def _jpeg(img: Image.Image) -> bytes:
+def jpeg_q95(img: Image.Image) -> bytes:
+    """JPEG at quality 95 (img2dataset's default encode quality), as the demo corpus stores images."""
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=95)
     return buf.getvalue()
@@ -92,7 +93,7 @@ def build_demo(out_dir: os.PathLike, image_size: int = 64, test_fraction: float 
     rows = []
     for i in sorted(train_idx):
         label = int(digits.target[i])
-        data = _jpeg(digit_image(digits.data[i], image_size))
+        data = jpeg_q95(digit_image(digits.data[i], image_size))
         uid = f"digit{i:04d}"
         (serve / f"{uid}.jpg").write_bytes(data)
         caption = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(CLASSNAMES[label])
@@ -115,7 +116,7 @@ def build_demo(out_dir: os.PathLike, image_size: int = 64, test_fraction: float 
     for n, i in enumerate(sorted(test_idx)):
         img = digit_image(digits.data[i], image_size)
         label = int(digits.target[i])
-        samples.append((f"s{n:05d}", {"jpg": _jpeg(img), "cls": str(label).encode()}))
+        samples.append((f"s{n:05d}", {"jpg": jpeg_q95(img), "cls": str(label).encode()}))
         d = out / "imagefolder" / "val" / CLASSNAMES[label]
         d.mkdir(parents=True, exist_ok=True)
         img.save(d / f"digit{i:04d}.png")

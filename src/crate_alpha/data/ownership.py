@@ -46,6 +46,11 @@ def claim(folder: os.PathLike, kind: str) -> Path:
     return folder
 
 
+def mark(folder: os.PathLike, kind: str) -> None:
+    """Record that this project wrote ``folder`` (a run folder its trainer has just filled)."""
+    write_json({"written_by": "crate-alpha", "kind": kind}, Path(folder) / MARKER)
+
+
 def check_may_write(folder: os.PathLike, kind: str) -> None:
     """Refuse a path that is a file, or a non-empty folder this project did not write as ``kind``."""
     folder = Path(folder)
