@@ -6,26 +6,31 @@ hash verification against the metadata's sha256 (which rejects truncated or alte
 files), http(s)-only fetching and a header-checked decompression-bomb limit (see
 ``sample_checks``), one caption policy shared with ``verify``, a record of the first
 run's settings that a resume must match, and a summary of img2dataset's statistics.
+
+It runs on one machine (img2dataset's multiprocessing distributor) or on a Spark cluster
+(its pyspark distributor: the active SparkSession when there is one, as under
+``spark-submit``, else a local one), and writes to a local folder or any fsspec URL
+img2dataset writes to (``s3://``, ``gs://``, ``hdfs://``). The metadata is filtered one
+input file at a time, in record batches, so the driver's memory does not grow with the
+pool (DataComp-1B's metadata is ~1.4 billion rows).
 """
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import operator
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections import Counter
-from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ..common import atomic_write, write_json
-
+from . import storage
 from .ownership import DataError, check_may_write, claim, clear_owned
 from .sample_checks import checked_img2dataset
 
@@ -42,7 +47,12 @@ _STATS = re.compile(r"^\d+_stats\.json$")
 # Settings a resume must share with the first run: any of them changes which rows land in
 # which shard or what a sample holds, so mixing two runs would duplicate or lose samples.
 BINDING_SETTINGS = ("metadata", "filters", "url_col", "caption_col", "hash_col", "image_size", "resize_mode",
-                    "samples_per_shard", "encode_quality", "max_image_area")
+                    "samples_per_shard", "encode_quality", "max_image_area", "metadata_layout")
+# how filtered rows are laid out for img2dataset (its shard numbering follows it): one filtered
+# parquet per metadata file. Runs before this layout concatenated all files into one.
+METADATA_LAYOUT = "one filtered parquet per metadata file"
+DISTRIBUTORS = ("multiprocessing", "pyspark")
+FILTER_BATCH_ROWS = 1 << 16
 
 
 def parse_filter(expr: str):
@@ -58,35 +68,30 @@ def parse_filter(expr: str):
     return col, op, value
 
 
-def _metadata_files(inputs: Sequence[os.PathLike]) -> List[Path]:
-    files: List[Path] = []
+def _metadata_files(inputs: Sequence[storage.Where]) -> List[str]:
+    """The parquet files named by ``inputs`` (files, folders, glob patterns; paths or URLs)."""
+    files: List[str] = []
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(p.glob("*.parquet"))
-        elif p.is_file():
-            files.append(p)
+        fs, path = storage.location(item)
+        if fs.isdir(path):
+            files += storage.glob(item, "*.parquet")
+        elif fs.isfile(path):
+            files.append(str(item))
         else:
-            matched = sorted(Path(x) for x in glob.glob(str(item)))
+            matched = sorted(fs.glob(path))
             if not matched:
                 raise DataError(f"metadata path {item} does not exist and matches no file")
-            files += matched
+            files += [fs.unstrip_protocol(m) if storage.is_url(item) else m for m in matched]
     if not files:
         raise DataError(f"no .parquet metadata files found in {', '.join(map(str, inputs))}")
     return files
 
 
-def filter_metadata(inputs: Sequence[os.PathLike], out_path: os.PathLike, filters: Iterable[str] = (),
-                    url_col: str = "url", caption_col: str = "text", hash_col: Optional[str] = None) -> dict:
-    """Concatenate metadata parquet files, keep the rows passing every filter, write one parquet."""
+def _keep(batch: pa.RecordBatch, filters, caption_col: str, hash_col: Optional[str]):
+    """(rows kept, rows without a caption) of one record batch."""
     import pyarrow.compute as pc
 
-    tables = [pq.read_table(f) for f in _metadata_files(inputs)]
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    for col in (url_col, caption_col):
-        if col not in table.column_names:
-            raise DataError(f"metadata has no {col!r} column; columns are: {', '.join(table.column_names)}")
-    n_in = table.num_rows
+    table = pa.Table.from_batches([batch])
     if hash_col and hash_col in table.column_names:
         # an all-null column is typed null, and img2dataset writes the computed digest into it
         i = table.column_names.index(hash_col)
@@ -95,17 +100,56 @@ def filter_metadata(inputs: Sequence[os.PathLike], out_path: os.PathLike, filter
     # one are dropped here (and counted) rather than fetched and flagged later.
     has_caption = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(
         pc.cast(table[caption_col], pa.string()))), 0), False)
-    no_caption = n_in - pc.sum(pc.cast(has_caption, pa.int64())).as_py() if n_in else 0
+    no_caption = table.num_rows - pc.sum(pc.cast(has_caption, pa.int64())).as_py() if table.num_rows else 0
     table = table.filter(has_caption)
-    for expr in filters:
-        col, op, value = parse_filter(expr)
-        if col not in table.column_names:
-            raise DataError(f"filter {expr!r}: no column {col!r}; columns are: {', '.join(table.column_names)}")
+    for col, op, value in filters:
         fn = {">=": pc.greater_equal, "<=": pc.less_equal, "==": pc.equal, "!=": pc.not_equal,
               ">": pc.greater, "<": pc.less}[op]
         table = table.filter(pc.fill_null(fn(table[col], value), False))
-    atomic_write(out_path, lambda tmp: pq.write_table(table, tmp))
-    return {"rows_in": n_in, "rows_kept": table.num_rows, "no_caption": no_caption, "columns": table.column_names}
+    return table, no_caption
+
+
+def filter_metadata(inputs: Sequence[storage.Where], out_dir: storage.Where, filters: Iterable[str] = (),
+                    url_col: str = "url", caption_col: str = "text", hash_col: Optional[str] = None) -> dict:
+    """Keep the metadata rows passing every filter: one parquet in ``out_dir`` per input file.
+
+    Each file is streamed in record batches, so memory stays at one batch whatever the pool size.
+    """
+    files = _metadata_files(inputs)
+    parsed = [parse_filter(expr) for expr in filters]
+    n_in = kept = no_caption = 0
+    columns: List[str] = []
+    storage.remove(out_dir)  # ours (inside the pipeline folder); rewritten whole on every run
+    storage.makedirs(out_dir)
+    for n, name in enumerate(files):
+        with storage.open_read(name) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            for col in (url_col, caption_col):
+                if col not in names:
+                    raise DataError(f"metadata {name} has no {col!r} column; columns are: {', '.join(names)}")
+            for (col, _, _), expr in zip(parsed, filters):
+                if col not in names:
+                    raise DataError(f"filter {expr!r}: no column {col!r}; columns are: {', '.join(names)}")
+
+            def write(out, pf=pf):
+                nonlocal n_in, kept, no_caption, columns
+                writer = None
+                for batch in pf.iter_batches(batch_size=FILTER_BATCH_ROWS):
+                    table, dropped = _keep(batch, parsed, caption_col, hash_col)
+                    n_in, kept, no_caption = n_in + batch.num_rows, kept + table.num_rows, no_caption + dropped
+                    writer = writer or pq.ParquetWriter(out, table.schema)
+                    writer.write_table(table)
+                if writer is None:  # a file without rows
+                    schema = pf.schema_arrow
+                    if hash_col and hash_col in schema.names:
+                        schema = schema.set(schema.get_field_index(hash_col), pa.field(hash_col, pa.string()))
+                    writer = pq.ParquetWriter(out, schema)
+                columns = writer.schema.names
+                writer.close()
+
+            storage.write_with(storage.join(out_dir, f"{n:05d}.parquet"), write)
+    return {"rows_in": n_in, "rows_kept": kept, "no_caption": no_caption, "columns": columns, "files": len(files)}
 
 
 def _reason(message: str) -> str:
@@ -130,10 +174,9 @@ def _reason(message: str) -> str:
     return message.strip()[:80]
 
 
-def summarize(output_dir: os.PathLike) -> dict:
-    """Aggregate img2dataset's ``*_stats.json`` files of a shard folder."""
-    output_dir = Path(output_dir)
-    stats = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*_stats.json"))]
+def summarize(output_dir: storage.Where) -> dict:
+    """Aggregate img2dataset's ``*_stats.json`` files of a shard folder (every shard's, from any worker)."""
+    stats = [storage.read_json(p) for p in storage.glob(output_dir, "*_stats.json")]
     if not stats:
         raise DataError(f"no img2dataset statistics (*_stats.json) in {output_dir}")
     raw = Counter()
@@ -169,8 +212,8 @@ def format_summary(s: dict) -> str:
 
 
 def download(
-        metadata: Sequence[os.PathLike],
-        output_dir: os.PathLike,
+        metadata: Sequence[storage.Where],
+        output_dir: storage.Where,
         image_size: int = 256,
         resize_mode: str = "keep_ratio",
         samples_per_shard: int = 10000,
@@ -185,51 +228,63 @@ def download(
         hash_col: Optional[str] = "sha256",
         max_image_area: float = float(Image.MAX_IMAGE_PIXELS),
         encode_quality: int = 95,
+        distributor: str = "multiprocessing",
+        subjob_size: int = 1000,
 ) -> dict:
     """Download the rows of DataComp-style metadata into webdataset shards.
 
     Defaults suit CLIPA: shorter side resized to 256 keeping the aspect ratio. With
     ``resume`` a rerun skips the shards img2dataset finished (it writes a shard's stats
     file last) and rewrites unfinished ones, so a killed run completes without duplicates.
+    ``distributor="pyspark"`` runs the shards as Spark tasks (``subjob_size`` shards per
+    Spark job; ``processes`` is the core count of a local session started when none is
+    active); ``output_dir`` may be an fsspec URL the Spark executors can all write to.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over the network
     from img2dataset import download as img2dataset_download
 
-    output_dir = Path(output_dir)
+    if distributor not in DISTRIBUTORS:
+        raise DataError(f"unknown distributor {distributor!r}; use one of {', '.join(DISTRIBUTORS)}")
+    output_dir = str(output_dir)
+    storage.location(output_dir)  # a missing fsspec back-end is reported before any work
     settings = {
         "metadata": [_file_record(f) for f in _metadata_files(metadata)],
         "filters": list(filters), "url_col": url_col, "caption_col": caption_col, "hash_col": hash_col or None,
         "image_size": image_size, "resize_mode": resize_mode, "samples_per_shard": samples_per_shard,
-        "encode_quality": encode_quality, "max_image_area": max_image_area,
+        "encode_quality": encode_quality, "max_image_area": max_image_area, "metadata_layout": METADATA_LAYOUT,
     }
+    for expr in filters:
+        parse_filter(expr)
     if not resume:
         # Start over ourselves: img2dataset's "overwrite" mode deletes whatever the folder holds.
         clear_owned(output_dir, SHARDS_KIND)
     check_may_write(output_dir, SHARDS_KIND)
-    work = output_dir / PIPELINE_DIR
-    _check_resume_settings(work / SETTINGS, settings, output_dir)
+    work = storage.join(output_dir, PIPELINE_DIR)
+    _check_resume_settings(storage.join(work, SETTINGS), settings, output_dir)
     _check_no_stray_json(output_dir)
     claim(output_dir, SHARDS_KIND)
-    work.mkdir(exist_ok=True)
-    if not (work / SETTINGS).exists():
-        write_json(settings, work / SETTINGS)
-    info = filter_metadata(metadata, work / "metadata.parquet", filters, url_col, caption_col, hash_col)
+    storage.makedirs(work)
+    if not storage.exists(storage.join(work, SETTINGS)):
+        storage.write_json(settings, storage.join(work, SETTINGS))
+    rows = storage.join(work, "metadata")
+    info = filter_metadata(metadata, rows, filters, url_col, caption_col, hash_col)
     if info["rows_kept"] == 0:
         raise DataError(f"no metadata rows left after filters {list(filters)} and the caption policy "
                         f"(of {info['rows_in']}; {info['no_caption']} had no caption)")
     columns = info["columns"]
     verify = [hash_col, "sha256"] if hash_col and hash_col in columns else None
     extra = [c for c in columns if c not in (url_col, caption_col, hash_col) and c not in RESERVED_COLUMNS]
+    spark = _spark_session(processes) if distributor == "pyspark" else None
     try:
         with checked_img2dataset():
             img2dataset_download(
-                url_list=str(work / "metadata.parquet"),
+                url_list=rows,
                 input_format="parquet",
                 url_col=url_col,
                 caption_col=caption_col,
                 save_additional_columns=extra,
                 output_format="webdataset",
-                output_folder=str(output_dir),
+                output_folder=output_dir,
                 image_size=image_size,
                 resize_mode=resize_mode,
                 encode_quality=encode_quality,
@@ -242,33 +297,73 @@ def download(
                 compute_hash="sha256",
                 max_image_area=max_image_area,
                 incremental_mode="incremental",
-                distributor="multiprocessing",
+                distributor=distributor,
+                subjob_size=subjob_size,
                 enable_wandb=False,
             )
     finally:
         # img2dataset removes its work folder only when it succeeds; a resume writes it anew.
-        shutil.rmtree(output_dir / "_tmp", ignore_errors=True)
+        storage.remove(storage.join(output_dir, "_tmp"))
+        if spark is not None:
+            spark.stop()
     summary = summarize(output_dir)
     if info["no_caption"]:
         summary["failures_by_reason"] = {NO_CAPTION: info["no_caption"], **summary["failures_by_reason"]}
-    summary.update(rows_in=info["rows_in"], rows_kept=info["rows_kept"], filters=list(filters))
-    write_json(summary, work / "summary.json")
+    summary.update(rows_in=info["rows_in"], rows_kept=info["rows_kept"], filters=list(filters),
+                   distributor=distributor)
+    storage.write_json(summary, storage.join(work, "summary.json"))
     return summary
 
 
-def _file_record(path: Path) -> dict:
+def check_java() -> str:
+    """The ``java -version`` line Spark will use; a one-line DataError when there is no Java."""
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        where = f"JAVA_HOME={home} has no bin/java" if home else "no java on PATH and JAVA_HOME is not set"
+        raise DataError(f"--distributor pyspark needs Java 17 or newer ({where}); install a JDK "
+                        "(e.g. apt install openjdk-17-jre-headless) or set JAVA_HOME, or use --distributor "
+                        "multiprocessing")
+    r = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
+    return (r.stderr or r.stdout).splitlines()[0] if (r.stderr or r.stdout) else java
+
+
+def _spark_session(processes: int):
+    """A local SparkSession when none is active (returned, to be stopped), else None.
+
+    Under ``spark-submit`` or a managed Spark service a session is already active and
+    img2dataset uses it as it is. The local one runs ``processes`` cores, its Python workers
+    on this interpreter (Spark's default would be whatever ``python3`` is on PATH), no web UI.
+    """
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise DataError("--distributor pyspark needs pyspark: pip install 'crate-alpha[spark]' "
+                        "(make venv installs it)") from None
+    if SparkSession.getActiveSession() is not None:
+        return None
+    check_java()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    return (SparkSession.builder.master(f"local[{max(1, processes)}]").appName("crate-alpha download")
+            .config("spark.ui.enabled", "false").config("spark.driver.memory", "2g")
+            .getOrCreate())
+
+
+def _file_record(path: str) -> dict:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    size = 0
+    with storage.open_read(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return {"name": path.name, "size": path.stat().st_size, "sha256": h.hexdigest()}
+            size += len(chunk)
+    return {"name": os.path.basename(path.rstrip("/")), "size": size, "sha256": h.hexdigest()}
 
 
-def _check_resume_settings(path: Path, now: dict, output_dir: Path) -> None:
+def _check_resume_settings(path: str, now: dict, output_dir: str) -> None:
     """Refuse to resume a shard folder with settings other than its first run's."""
-    if not path.exists():
+    if not storage.exists(path):
         return
-    first = json.loads(path.read_text())
+    first = storage.read_json(path)
     diffs = []
     for key in BINDING_SETTINGS:
         a, b = first.get(key), now.get(key)
@@ -285,11 +380,12 @@ def _check_resume_settings(path: Path, now: dict, output_dir: Path) -> None:
             "--no-resume (deletes this shard folder) or a new --out")
 
 
-def _check_no_stray_json(output_dir: Path) -> None:
+def _check_no_stray_json(output_dir: str) -> None:
     # img2dataset parses every top-level *.json of its output folder as "<shard>_stats.json"
-    if not output_dir.is_dir():
+    if not storage.isdir(output_dir):
         return
-    stray = sorted(p.name for p in output_dir.glob("*.json") if not _STATS.match(p.name))
+    found = (os.path.basename(p) for p in storage.glob(output_dir, "*.json"))
+    stray = sorted(name for name in found if not _STATS.match(name))
     if stray:
         raise DataError(f"{output_dir} holds {', '.join(stray)}, which img2dataset would read as shard statistics; "
                         "move these files out of the shard folder and rerun")

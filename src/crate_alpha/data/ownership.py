@@ -3,16 +3,12 @@
 A folder the pipeline creates gets a marker file first thing, so that even a run killed
 half-way leaves a folder the next run recognises as its own. The marker has no ``.json``
 suffix on purpose: img2dataset reads every top-level ``*.json`` of its output folder as a
-shard's statistics.
+shard's statistics. Folders may be local paths or fsspec URLs (``storage``).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
-
-from ..common import CrateAlphaError, write_json
+from ..common import CrateAlphaError
+from . import storage
 
 MARKER = ".crate-alpha-output"
 
@@ -21,42 +17,38 @@ class DataError(CrateAlphaError):
     """Bad data input; the message names the problem and what to do."""
 
 
-def owner_kind(folder: os.PathLike):
+def owner_kind(folder: storage.Where):
     """The kind recorded in ``folder``'s marker, or None when this project did not write it."""
-    marker = Path(folder) / MARKER
     try:
-        return json.loads(marker.read_text()).get("kind")
+        return storage.read_json(storage.join(folder, MARKER)).get("kind")
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def is_empty_dir(folder: os.PathLike) -> bool:
-    p = Path(folder)
-    return p.is_dir() and not any(p.iterdir())
+def is_empty_dir(folder: storage.Where) -> bool:
+    return storage.isdir(folder) and not storage.names(folder)
 
 
-def claim(folder: os.PathLike, kind: str) -> Path:
+def mark(folder: storage.Where, kind: str) -> None:
+    """Record that this project wrote ``folder`` (a run folder its trainer has just filled)."""
+    storage.write_json({"written_by": "crate-alpha", "kind": kind}, storage.join(folder, MARKER))
+
+
+def claim(folder: storage.Where, kind: str):
     """Create ``folder`` (or take an empty or already-ours one) and mark it as written by us."""
-    folder = Path(folder)
-    if folder.exists():
+    if storage.exists(folder):
         check_may_write(folder, kind)
-    folder.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(folder)
     if owner_kind(folder) != kind:
-        write_json({"written_by": "crate-alpha", "kind": kind}, folder / MARKER)
+        mark(folder, kind)
     return folder
 
 
-def mark(folder: os.PathLike, kind: str) -> None:
-    """Record that this project wrote ``folder`` (a run folder its trainer has just filled)."""
-    write_json({"written_by": "crate-alpha", "kind": kind}, Path(folder) / MARKER)
-
-
-def check_may_write(folder: os.PathLike, kind: str) -> None:
+def check_may_write(folder: storage.Where, kind: str) -> None:
     """Refuse a path that is a file, or a non-empty folder this project did not write as ``kind``."""
-    folder = Path(folder)
-    if not folder.exists():
+    if not storage.exists(folder):
         return
-    if not folder.is_dir():
+    if not storage.isdir(folder):
         raise DataError(f"{folder} exists and is not a folder; choose another output path")
     if is_empty_dir(folder):
         return
@@ -68,9 +60,7 @@ def check_may_write(folder: os.PathLike, kind: str) -> None:
                     f"folder for the {kind}, or move its contents away yourself")
 
 
-def clear_owned(folder: os.PathLike, kind: str) -> None:
+def clear_owned(folder: storage.Where, kind: str) -> None:
     """Delete ``folder`` only if it is empty or this project wrote it as ``kind``; refuse otherwise."""
-    folder = Path(folder)
     check_may_write(folder, kind)
-    if folder.exists():
-        shutil.rmtree(folder)
+    storage.remove(folder)
