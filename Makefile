@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py constraints/main.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install --no-compile -c constraints/main.txt -e ".[dev]"
+	$(PY) -m pip install --no-compile -c constraints/main.txt -e ".[dev,spark]"
 	touch $(STAMP)
 
 # The XLA environment: torch 2.9.0 + torch_xla 2.9.0 (constraints/xla.txt), tests on XLA:CPU.

@@ -47,6 +47,11 @@ setup(
         # its own "tpu" extra brings libtpu. On XLA:CPU (tests) libtpu is present but unused.
         "tpu": ["torch==2.9.0", "torchvision==0.24.0", "torch_xla[tpu]==2.9.0"],
         "dev": ["pytest", "ruff"],
+        # `data download --distributor pyspark` (needs Java 17+); make venv installs it for the tests
+        "spark": ["pyspark>=3.5,<5"],
+        # fsspec back-ends for shard folders on object storage (hdfs:// uses pyarrow + libhdfs)
+        "s3": ["s3fs"],
+        "gcs": ["gcsfs"],
     },
     entry_points={"console_scripts": ["crate-alpha=crate_alpha.cli:main"]},
 )

@@ -79,7 +79,8 @@ def _download(a):
     s = download(a.metadata, a.out, image_size=a.image_size, resize_mode=a.resize_mode,
                  samples_per_shard=a.samples_per_shard, processes=a.processes, threads=a.threads,
                  retries=a.retries, timeout=a.timeout, filters=filters, resume=not a.no_resume,
-                 url_col=a.url_col, caption_col=a.caption_col, hash_col=a.hash_col or None)
+                 url_col=a.url_col, caption_col=a.caption_col, hash_col=a.hash_col or None,
+                 distributor=a.distributor, subjob_size=a.subjob_size)
     print(f"kept {s['rows_kept']} of {s['rows_in']} metadata rows")
     print(format_summary(s))
 
@@ -114,7 +115,12 @@ def _add_data(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser("download", help="DataComp metadata parquet -> webdataset shards (img2dataset)")
     d.add_argument("metadata", nargs="+", help="parquet files, folders of them, or glob patterns")
-    d.add_argument("--out", required=True, help="shard folder")
+    d.add_argument("--out", required=True,
+                   help="shard folder: a path or an fsspec URL (s3://, gs://, hdfs://) every worker can write to")
+    d.add_argument("--distributor", choices=("multiprocessing", "pyspark"), default="multiprocessing",
+                   help="img2dataset's: processes on this machine, or Spark tasks (the active SparkSession, "
+                        "e.g. under spark-submit; else a local one with --processes cores)")
+    d.add_argument("--subjob-size", type=int, default=1000, help="pyspark: shards per Spark job")
     d.add_argument("--image-size", type=int, default=256)
     d.add_argument("--resize-mode", default="keep_ratio",
                    help="img2dataset resize mode (keep_ratio: shorter side = image size)")
@@ -133,7 +139,7 @@ def _add_data(sub) -> None:
     d.add_argument("--hash-col", default="sha256", help="sha256 column to verify against ('' to skip)")
     d.set_defaults(fn=_download)
     v = dsub.add_parser("verify", help="check a shard folder; exits 1 on damage")
-    v.add_argument("folder")
+    v.add_argument("folder", help="shard folder: a path or an fsspec URL")
     v.add_argument("--no-caption", action="store_true", help="do not require a .txt caption")
     v.set_defaults(fn=_verify)
     m = dsub.add_parser("demo", help="build the digits demo corpus")

@@ -12,8 +12,9 @@ import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List
+
+from . import storage
 
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
@@ -64,13 +65,13 @@ def _unsafe(name: str) -> bool:
     return name.startswith("/") or ".." in posixpath.normpath(name).split("/")
 
 
-def verify_shard(path: os.PathLike, require_caption: bool = True) -> ShardReport:
-    path = Path(path)
-    rep = ShardReport(shard=path.name)
+def verify_shard(path: storage.Where, require_caption: bool = True) -> ShardReport:
+    """Check one shard, a local path or an fsspec URL (read as a stream, as the loader reads it)."""
+    rep = ShardReport(shard=os.path.basename(str(path).rstrip("/")))
     groups: List[tuple] = []   # (key, {ext: bytes}, [problems])
     seen_keys: Dict[str, int] = {}
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with storage.open_read(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -125,11 +126,11 @@ def verify_shard(path: os.PathLike, require_caption: bool = True) -> ShardReport
     return rep
 
 
-def verify_folder(folder: os.PathLike, require_caption: bool = True) -> List[ShardReport]:
-    folder = Path(folder)
-    if not folder.is_dir():
+def verify_folder(folder: storage.Where, require_caption: bool = True) -> List[ShardReport]:
+    """Check every ``*.tar`` of ``folder`` (a local path or an fsspec URL such as ``s3://bucket/shards``)."""
+    if not storage.isdir(folder):
         raise FileNotFoundError(f"shard folder {folder} does not exist")
-    shards = sorted(folder.glob("*.tar"))
+    shards = storage.glob(folder, "*.tar")
     if not shards:
         raise FileNotFoundError(f"no .tar shards in {folder}")
     return [verify_shard(s, require_caption) for s in shards]
