@@ -119,6 +119,103 @@ def test_resume_after_kill_has_no_duplicates(tmp_path):
         server.close()
 
 
+# ---- Spark (img2dataset's pyspark distributor, local mode) and fsspec URLs ----------------
+
+def _sample_set(folder):
+    samples, counts = read_shards(folder)
+    return {(sha(v["jpg"]), v["txt"].decode()) for v in samples.values()}, counts
+
+
+def test_spark_round_trip_matches_multiprocessing(mixed_corpus, tmp_path):
+    # the same loopback corpus through both distributors; Spark in local[2], writing to a file:// URL
+    meta, good, _ = mixed_corpus
+    common = dict(image_size=32, samples_per_shard=5, threads=4, timeout=2, filters=["clip_l14_similarity_score>=0.3"])
+    mp = download([meta], tmp_path / "mp", **common)
+    sp = download([meta], f"file://{tmp_path / 'sp'}", processes=2, distributor="pyspark", subjob_size=2, **common)
+    (mp_set, mp_counts), (sp_set, sp_counts) = _sample_set(tmp_path / "mp"), _sample_set(tmp_path / "sp")
+    assert sp_set == mp_set and len(sp_set) == len(good)
+    assert max(mp_counts.values()) == 1 and max(sp_counts.values()) == 1
+    assert sp["failures_by_reason"] == mp["failures_by_reason"]
+    assert (sp["shards"], sp["count"], sp["successes"], sp["distributor"]) == (mp["shards"], mp["count"], 12,
+                                                                               "pyspark")
+    # the manifest and summary are in the URL folder; verify reads it by URL
+    assert (tmp_path / "sp" / "_pipeline" / "settings.json").exists()
+    assert json.loads((tmp_path / "sp" / "_pipeline" / "summary.json").read_text())["successes"] == 12
+    reports = verify_mod.verify_folder(f"file://{tmp_path / 'sp'}")
+    assert verify_mod.train_num_samples(reports) == 12 and all(r.ok for r in reports)
+
+
+def test_spark_download_killed_then_rerun_is_complete(tmp_path):
+    good = {f"k{i:03d}": jpeg_bytes(300 + i, size=(40, 40)) for i in range(24)}
+    server = RoutesServer({f"/{k}.jpg": v for k, v in good.items()}, delay=0.25)
+    try:
+        rows = [{"uid": k, "url": f"{server.url}/{k}.jpg", "text": k, "sha256": sha(v)} for k, v in good.items()]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+        out = tmp_path / "shards"
+        args = [sys.executable, "-m", "crate_alpha.cli", "data", "download", str(tmp_path / "m.parquet"),
+                "--out", str(out), "--image-size", "32", "--samples-per-shard", "4", "--threads", "1",
+                "--processes", "2", "--distributor", "pyspark", "--subjob-size", "2"]
+        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while time.time() < deadline and len(list(out.glob("*_stats.json"))) < 2:
+            assert proc.poll() is None, "the Spark download ended before it could be killed"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its JVM and the Python workers
+        proc.wait()
+        assert 2 <= len(list(out.glob("*_stats.json"))) < 6, "the kill should land mid-way"
+        r = subprocess.run(args, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr[-2000:]
+        samples, counts = read_shards(out)
+        assert sorted(json.loads(v["json"])["uid"] for v in samples.values()) == sorted(good)
+        assert max(counts.values()) == 1
+        # the settings manifest binds Spark runs as well: checked before Spark starts
+        with pytest.raises(DataError, match="image_size: first run 32, now 48"):
+            download([tmp_path / "m.parquet"], out, image_size=48, samples_per_shard=4, distributor="pyspark")
+    finally:
+        server.close()
+
+
+def test_url_folders_keep_the_ownership_rules(tmp_path):
+    # a non-local fsspec filesystem (memory://): the marker, the refusal and verify behave as on disk
+    import fsspec
+
+    from crate_alpha.data import storage
+    from crate_alpha.data.ownership import MARKER, check_may_write, claim, clear_owned
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/theirs/file.txt", b"keep")
+    with pytest.raises(DataError, match="not written by crate-alpha"):
+        check_may_write("memory://theirs", "shards")
+    claim("memory://ours", "shards")
+    assert fs.exists(f"/ours/{MARKER}")
+    storage.write_json({"a": 1}, "memory://ours/_pipeline/x.json")
+    assert storage.read_json("memory://ours/_pipeline/x.json") == {"a": 1} and not fs.glob("/ours/_pipeline/*tmp*")
+    buf = io.BytesIO()
+    write_tar(tmp_path / "00000.tar", [(f"a{i}", {"jpg": jpeg_bytes(i), "txt": b"c"}) for i in range(3)])
+    buf.write((tmp_path / "00000.tar").read_bytes())
+    fs.pipe("/ours/00000.tar", buf.getvalue())
+    (rep,) = verify_mod.verify_folder("memory://ours")
+    assert rep.samples == 3 and rep.ok
+    clear_owned("memory://ours", "shards")
+    assert not fs.exists("/ours") and fs.exists("/theirs/file.txt")
+    with pytest.raises(DataError, match=r"cannot open nosuch://x.*fsspec back-end for nosuch://"):
+        download(["m.parquet"], "nosuch://x")
+
+
+def test_spark_without_java_is_one_line(tmp_path, monkeypatch):
+    from crate_alpha.data.download import check_java
+
+    assert "version" in check_java()  # Java 17 is on these machines
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))
+    with pytest.raises(DataError, match=r"needs Java 17 or newer \(JAVA_HOME=.* has no bin/java\)") as e:
+        check_java()
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("JAVA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(DataError, match="no java on PATH"):
+        check_java()
+
+
 @pytest.fixture
 def damaged_shards(tmp_path):
     good = lambda i: {"jpg": jpeg_bytes(i), "txt": f"caption {i}".encode()}  # noqa: E731
