@@ -70,6 +70,7 @@ data-verify: $(STAMP)
 
 bench-data: $(STAMP)
 	$(CLI) data bench
+	$(CLI) data bench --download 2000
 
 # ---- CLIPA training ----------------------------------------------------------------
 # make pretrain DATA='shards/{00000..00099}.tar' NPROC=8 [NNODES=2 TORCHRUN_ARGS='--rdzv-endpoint host:29500'] ARGS='global_batch=4096'

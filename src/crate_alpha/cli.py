@@ -104,8 +104,11 @@ def _data_demo(a):
 
 
 def _data_bench(a):
-    from .data.bench import bench_loader, profile
+    from .data.bench import bench_download, bench_loader, profile
 
+    if a.download:
+        bench_download(images=a.download, processes=a.processes, out=str(Path(a.out).with_name("download.json")))
+        return
     profile(str(Path(a.out).with_name("data_profile.json")), samples=a.profile_samples)
     bench_loader(unique=a.unique, copies=a.copies, out=a.out)
 
@@ -155,6 +158,10 @@ def _add_data(sub) -> None:
     b.add_argument("--unique", type=int, default=512, help="distinct encoded images in the loader benchmark")
     b.add_argument("--copies", type=int, default=8, help="shards, each holding the --unique samples")
     b.add_argument("--out", default="runs/bench/data.json")
+    b.add_argument("--download", type=int, metavar="IMAGES",
+                   help="instead: download IMAGES loopback photos with img2dataset's multiprocessing and pyspark "
+                        "(local mode) distributors, images/s of each (runs/bench/download.json)")
+    b.add_argument("--processes", type=int, default=2, help="--download: processes / local Spark cores")
     b.set_defaults(fn=_data_bench)
 
 

@@ -248,3 +248,51 @@ def bench_loader(unique: int = 512, copies: int = 8, out="runs/bench/data.json")
                       "(open_clip_train's loader, one worker)", flush=True)
     write_json(rows, out)
     return rows
+
+
+def bench_download(images: int = 2000, processes: int = 2, out="runs/bench/download.json") -> list:
+    """img2dataset's two distributors on the same loopback corpus: multiprocessing vs Spark local mode.
+
+    ``images`` photos (512 px, JPEG) are served from 127.0.0.1 and downloaded into 256 px
+    shards once per distributor with ``processes`` processes / local cores. Rates are
+    img2dataset's own (successes over the span of its shard statistics) and end to end
+    (wall time of the whole call, Spark's start-up included).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..common import write_json
+    from .download import download
+    from .loopback import serve_folder
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        url = _photo_shards(tmp / "src", min(images, 256), 512)[0]  # real photos, cut and encoded once
+        import hashlib
+        import tarfile
+
+        with tarfile.open(url) as tar:
+            jpgs = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+        (tmp / "www").mkdir()
+        meta = []
+        with serve_folder(tmp / "www") as base:
+            for i in range(images):
+                data = jpgs[i % len(jpgs)]
+                (tmp / "www" / f"{i:06d}.jpg").write_bytes(data)
+                meta.append({"uid": f"{i:06d}", "url": f"{base}/{i:06d}.jpg", "text": f"photo {i}",
+                             "sha256": hashlib.sha256(data).hexdigest()})
+            pq.write_table(pa.Table.from_pylist(meta), tmp / "meta.parquet")
+            for distributor in ("multiprocessing", "pyspark"):
+                t = time.perf_counter()
+                s = download([tmp / "meta.parquet"], tmp / distributor, image_size=256, samples_per_shard=250,
+                             processes=processes, threads=16, distributor=distributor)
+                wall = time.perf_counter() - t
+                rows.append({"distributor": distributor, "processes": processes, "images": images,
+                             "successes": s["successes"], "images_per_s": s["images_per_second"],
+                             "images_per_s_end_to_end": s["successes"] / wall, "wall_seconds": wall})
+                print(f"{distributor:<16} {s['successes']:6d} images  {s['images_per_second']:7.1f} images/s "
+                      f"(img2dataset)  {rows[-1]['images_per_s_end_to_end']:7.1f} images/s end to end "
+                      f"({wall:.0f} s)", flush=True)
+    write_json(rows, out)
+    return rows
