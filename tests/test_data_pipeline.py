@@ -361,10 +361,28 @@ def test_open_clip_train_loader_throughput(tmp_path):
         assert sum(len(b[0]) for b in batches) == 80
         images, texts = batches[0]
         assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32 and texts.shape[0] == 16
-        assert images.is_shared()  # collated straight into shared memory
         means.append(torch.cat([b[0] for b in batches]).mean().item())
         assert loader_throughput(urls, 32, reduced, batch=16, passes=1) > 0
     assert abs(means[0] - means[1]) < 0.05
+    # the worker sends uint8 images, collated straight into shared memory; normalised after the loader
+    raw = train_loader(urls, 32, True, batch=16, workers=1)._loader
+    images, _ = next(iter(raw))
+    assert images.dtype == torch.uint8 and images.is_shared()
+
+
+def test_batch_normalize_equals_per_image():
+    from crate_alpha.data.decode import BatchNormalize, ToNormalizedTensor, ToUint8Tensor
+    from crate_alpha.patches import NormalizedLoader
+
+    mean, std = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
+    rgbs = [np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8) for i in range(3)]
+    batch = torch.stack([ToUint8Tensor()(r) for r in rgbs])
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 20, 24)
+    out = BatchNormalize(mean, std)(batch)
+    assert torch.equal(out, torch.stack([ToNormalizedTensor(mean, std)(r) for r in rgbs]))
+    floats = torch.zeros(2, 3, 4, 4)
+    (a, ta), (b, _) = NormalizedLoader([(batch, "t"), (floats, "u")], BatchNormalize(mean, std))
+    assert torch.equal(a, out) and ta == "t" and b is floats
 
 
 def test_cli_errors_name_the_path(tmp_path):

@@ -21,7 +21,9 @@ configs are added with ``open_clip.add_model_config`` and timm names with
 * cached tokenizer: the tokenizer open_clip_train gets from ``get_tokenizer`` is wrapped in
   ``crate_alpha.data.tokenize.CachedTokenizer`` (same ids, ~3x less time per caption);
 * reduced-size JPEG decode: images stay encoded through webdataset's decode stage and the
-  training transform decodes them with ``crate_alpha.data.decode`` (DCT-domain downscaling);
+  training transform decodes them with ``crate_alpha.data.decode`` (DCT-domain downscaling)
+  into uint8 tensors, normalised per batch after the loader on the training device
+  (``NormalizedLoader`` around ``get_data``'s training loader);
 * loader prefetch: open_clip_train's ``WebLoader`` takes no ``prefetch_factor`` (torch's
   default is 2 batches per worker); the recipe's is passed on; its workers are forked even
   where the start method is spawn (in torch_xla's launched processes), since the pipeline
@@ -178,7 +180,35 @@ def _synced(optimizer_cls, metrics):
 
 # per-run loader settings, read when open_clip_train builds its loader (a second run in the
 # same process, as in `make demo`, installs again with its own)
-_loader_settings = {"prefetch_factor": None}
+_loader_settings = {"prefetch_factor": None, "normalize": None}
+
+
+def train_normalize():
+    """The batch normalisation of the current run's uint8 training images (None before a model is built)."""
+    return _loader_settings["normalize"]
+
+
+class NormalizedLoader:
+    """open_clip_train's training loader, its uint8 image batches normalised as they come out.
+
+    On ``device`` (the training device; the CPU before torch_xla's device loader), so a GPU
+    receives a quarter of the bytes and normalises there. Float batches pass unchanged.
+    """
+
+    def __init__(self, loader, normalize, device="cpu"):
+        self._loader, self._normalize, self._device = loader, normalize, device
+
+    def __iter__(self):
+        for images, *rest in self._loader:
+            if images.dtype == torch.uint8:
+                images = self._normalize(images.to(self._device, non_blocking=True))
+            yield (images, *rest)
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __getattr__(self, name):  # num_batches, num_samples, ...
+        return getattr(self._loader, name)
 
 
 def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] = None,
@@ -211,6 +241,17 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
             return torch.optim.AdamW(params, **kwargs)
 
     main.optim = _Optim("torch.optim")
+    get_data = main.get_data
+
+    def get_data_normalized(args, *rest, **kwargs):
+        data = get_data(args, *rest, **kwargs)
+        if "train" in data and _loader_settings["normalize"] is not None:
+            device = "cpu" if xla is not None else getattr(args, "device", "cpu")
+            data["train"].dataloader = NormalizedLoader(data["train"].dataloader, _loader_settings["normalize"],
+                                                        device)
+        return data
+
+    main.get_data = get_data_normalized  # before the XLA device loader, which then wraps it
     get_tokenizer = main.get_tokenizer
 
     def cached_get_tokenizer(*args, **kwargs):
@@ -270,7 +311,7 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
         return
     from PIL import Image
 
-    from .data.decode import train_transform
+    from .data.decode import BatchNormalize, train_transform
 
     create = main.create_model_and_transforms
 
@@ -278,7 +319,9 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
         model, pp_train, pp_val = create(*args, **kwargs)
         cfg = model.visual.preprocess_cfg
         size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-        fast = train_transform(size, cfg["mean"], cfg["std"], scale=(0.9, 1.0))
+        # uint8 out of the worker, normalised per batch after the loader (NormalizedLoader)
+        fast = train_transform(size, cfg["mean"], cfg["std"], scale=(0.9, 1.0), uint8=True)
+        _loader_settings["normalize"] = BatchNormalize(cfg["mean"], cfg["std"])
 
         def pil(b):
             return Image.open(io.BytesIO(b)).convert("RGB")

