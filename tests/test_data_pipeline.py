@@ -385,6 +385,59 @@ def test_batch_normalize_equals_per_image():
     assert torch.equal(a, out) and ta == "t" and b is floats
 
 
+def _expanded(expander, path):
+    with open(path, "rb") as f:
+        return [(s["fname"], s["data"], s["__url__"]) for s in expander([{"url": str(path), "stream": f}])]
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
+def test_tarstream_reads_what_webdataset_reads(tmp_path, fmt):
+    import gzip
+    import tarfile
+
+    from webdataset import tariterators
+
+    from crate_alpha.data.tarstream import tar_file_expander
+
+    fmt = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]
+    members = [("a/" * 60 + "s0.jpg", jpeg_bytes(0)), ("s0.txt", b"caption"), ("s0.json", b"{}"),
+               ("k\u00e9y.txt", b"x"), ("__key__", b"meta"), ("d", None), ("empty.txt", b""), ("big.bin", bytes(5000))]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            if fmt == tarfile.USTAR_FORMAT and (len(name) > 100 or not name.isascii()):
+                continue
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    for name, data in (("x.tar", raw), ("x.tar.gz", gzip.compress(raw))):  # the compressed one goes to tarfile
+        (tmp_path / name).write_bytes(data)
+        ours = _expanded(tar_file_expander, tmp_path / name)
+        assert ours == _expanded(tariterators.tar_file_expander, tmp_path / name)
+        assert "__key__" not in [m[0] for m in ours] and ("s0.txt", b"caption", str(tmp_path / name)) in ours
+    # damage: a cut-short shard or a corrupted header raises (the loader's handler counts it) after the
+    # members before the damage
+    (tmp_path / "cut.tar").write_bytes(raw[:2048 + 700])
+    with pytest.raises(tarfile.ReadError):
+        _expanded(tar_file_expander, tmp_path / "cut.tar")
+    second = raw.index(b"{}\0") - 512 if fmt == tarfile.USTAR_FORMAT else None
+    if second is not None:  # a damaged header after good members: checksum error, not garbage members
+        bad = bytearray(raw)
+        bad[second + 3] ^= 0xFF
+        (tmp_path / "bad.tar").write_bytes(bytes(bad))
+        with pytest.raises(tarfile.ReadError, match="checksum"):
+            _expanded(tar_file_expander, tmp_path / "bad.tar")
+    counted = []
+    got = [s for s in tar_file_expander([{"url": "u", "stream": io.BytesIO(bytes(raw[:1024]) + bytes(100))}],
+                                        handler=lambda e: counted.append(e) or True)]
+    assert len(counted) == 1 and len(got) <= 1
+
+
 def test_cli_errors_name_the_path(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(tmp_path / "none")],
                        capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -396,7 +449,8 @@ def test_input_stage_profile(tmp_path):
 
     prof = profile_stages(32, 64, samples=16, batch=8)
     stages = prof["seconds_per_sample"]
-    assert set(stages) == {"tar read", "JPEG decode (full, PIL)", "random resized crop (torchvision)",
+    assert set(stages) == {"tar read", "tar read (tarstream)", "JPEG decode (full, PIL)",
+                           "random resized crop (torchvision)",
                            "JPEG decode + crop (reduced-size)", "to-tensor + normalise",
                            "to-tensor + normalise (one pass)", "caption tokenisation",
                            "caption tokenisation (cached)", "collation"}

@@ -18,6 +18,8 @@ configs are added with ``open_clip.add_model_config`` and timm names with
 * seeded sample shuffle: its sample-level ``wds.shuffle`` seeds from the clock and the
   pid, so two runs with the same ``--seed`` see different data orders; it is given a
   shuffle seeded from ``--seed`` (see ``SeededShuffle``);
+* tar members: the training pipeline's tar expander is ``crate_alpha.data.tarstream``'s
+  (the same samples as webdataset's, ~5x less time per member than ``tarfile``);
 * cached tokenizer: the tokenizer open_clip_train gets from ``get_tokenizer`` is wrapped in
   ``crate_alpha.data.tokenize.CachedTokenizer`` (same ids, ~3x less time per caption);
 * reduced-size JPEG decode: images stay encoded through webdataset's decode stage and the
@@ -62,6 +64,7 @@ PATCHES = (
     ("open_clip_train.main", "get_tokenizer", "tokenizer = get_tokenizer("),
     ("open_clip_train.data", "log_and_continue", "handler=log_and_continue"),
     ("open_clip_train.data", "tarfile_to_samples_nothrow", "tarfile_to_samples_nothrow,"),
+    ("open_clip_train.data", "tar_file_expander", "files = tar_file_expander(streams, handler=handler)"),
     ("open_clip_train.data", "filter_no_caption_or_no_image", "wds.select(filter_no_caption_or_no_image)"),
     ("open_clip_train.data", "wds", "wds.shuffle("),
     ("open_clip_train.data", "wds", 'wds.decode("pilrgb"'),
@@ -139,6 +142,13 @@ class SeededShuffle(wds.detshuffle):
         base = worker.seed if worker is not None else torch.initial_seed()
         rng = random.Random(base * 1_000_003 + self.epoch)
         return wds.shuffle(self.bufsize, self.initial, rng=rng)(src)
+
+
+def decode_caption(sample: dict) -> dict:
+    """webdataset's text decoding of the ``txt`` member alone."""
+    if isinstance(sample.get("txt"), (bytes, bytearray)):
+        sample["txt"] = bytes(sample["txt"]).decode("utf-8")
+    return sample
 
 
 class BytesOrImage:
@@ -264,6 +274,9 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
         _install_xla(main, xla, metrics)
 
     data.log_and_continue = counter
+    from .data.tarstream import tar_file_expander
+
+    data.tar_file_expander = tar_file_expander
     data.tarfile_to_samples_nothrow.__defaults__ = (counter,)
     keep = data.filter_no_caption_or_no_image
 
@@ -302,9 +315,10 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
 
         if fast_decode:
             @staticmethod
-            def decode(*handlers, **kwargs):
-                # leave images encoded ("pilrgb" dropped); text is still decoded
-                return wds.decode(*[h for h in handlers if h != "pilrgb"], **kwargs)
+            def decode(*handlers, handler=None, **kwargs):
+                # only the caption is decoded: images stay encoded for the reduced-size decode, and
+                # the rest (img2dataset's .json of metadata) is never read by open_clip_train
+                return wds.map(decode_caption, handler=handler or wds.reraise_exception)
 
     data.wds = _Wds("webdataset")
     if not fast_decode:

@@ -12,6 +12,7 @@ decode.
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +46,13 @@ def _photo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
         buf = io.BytesIO()
         crop.save(buf, "JPEG", quality=95)
         words = rng.choice(CAPTION_WORDS, int(rng.integers(6, 20)))
-        samples.append((f"{i:06d}", {"jpg": buf.getvalue(), "txt": " ".join(words).encode()}))
+        caption = " ".join(words)
+        meta = {"uid": f"{i:032x}", "url": f"https://example.com/images/{i}.jpg", "caption": caption,
+                "key": f"{i:06d}", "status": "success", "error_message": None, "width": crop.size[0],
+                "height": crop.size[1], "original_width": cw, "original_height": ch, "exif": "{}",
+                "sha256": f"{i:064x}", "clip_l14_similarity_score": 0.31}
+        # members as img2dataset writes them: image, caption, metadata
+        samples.append((f"{i:06d}", {"jpg": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(meta).encode()}))
     write_tar(folder / "000000.tar", samples)
     return [str(folder / "000000.tar")]
 
@@ -70,6 +77,7 @@ def profile_stages(size: int, source_size: int, samples: int = 256, batch: int =
     from torch.utils.data import default_collate
 
     from .decode import ToNormalizedTensor, decode_crop
+    from .tarstream import tar_members
     from .tokenize import fast_tokenizer
 
     torch.set_num_threads(1)
@@ -87,6 +95,12 @@ def profile_stages(size: int, source_size: int, samples: int = 256, batch: int =
                 return [tar.extractfile(m).read() for m in tar]
 
         t_tar = _per_sample(read_tar, [None]) / samples
+
+        def read_tarstream(_):
+            with open(url, "rb") as f:
+                return list(tar_members(f))
+
+        t_tarstream = _per_sample(read_tarstream, [None]) / samples
         with tarfile.open(url) as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar}
     jpgs = [v for k, v in files.items() if k.endswith(".jpg")]
@@ -99,6 +113,7 @@ def profile_stages(size: int, source_size: int, samples: int = 256, batch: int =
     batches = [pairs[i:i + batch] for i in range(0, len(pairs) - batch + 1, batch)]
     stages = {
         "tar read": t_tar,
+        "tar read (tarstream)": t_tarstream,
         "JPEG decode (full, PIL)": _per_sample(lambda b: Image.open(io.BytesIO(b)).convert("RGB"), jpgs),
         "random resized crop (torchvision)": _per_sample(crop, decoded),
         "JPEG decode + crop (reduced-size)": _per_sample(lambda b: decode_crop(b, size, scale=(0.9, 1.0)), jpgs),
@@ -157,7 +172,11 @@ def _demo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
     for i in range(n):
         k = i % len(digits.target)
         caption = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(CLASSNAMES[digits.target[k]])
-        samples.append((f"{i:06d}", {"jpg": jpeg_q95(digit_image(digits.data[k], size)), "txt": caption.encode()}))
+        meta = {"uid": f"{i:032x}", "url": f"http://127.0.0.1/{i}.jpg", "caption": caption, "key": f"{i:06d}",
+                "status": "success", "error_message": None, "width": size, "height": size, "original_width": size,
+                "original_height": size, "exif": "{}", "sha256": f"{i:064x}"}
+        samples.append((f"{i:06d}", {"jpg": jpeg_q95(digit_image(digits.data[k], size)), "txt": caption.encode(),
+                                     "json": json.dumps(meta).encode()}))
     write_tar(folder / "000000.tar", samples)
     return [str(folder / "000000.tar")]
 
