@@ -37,11 +37,11 @@ def get_config(arg=None):
         # per sample: image tower 33.6 GFLOP forward at 84 px (torch's FLOP counter) x 4
         # (forward, backward, checkpoint recompute) + ~19 for the locked text tower. At 40%
         # of an H100's 989 bf16 TFLOP/s that is ~2,600 samples/s per GPU (a TPU v3 core:
-        # ~160/s). One loader core does ~1,180 samples/s at 84 px from 256 px shards
-        # (`make bench-data`), so 2,600 / 1,180 = 2.2 cores -> 4 workers for headroom
-        # (augmentation bursts, shard opens); prefetch 4 batches per worker = 16 x 128
-        # samples queued, ~0.8 s of steps to ride out a slow shard read.
-        workers=4,
+        # ~160/s). One loader core does ~1,570 samples/s at 84 px from 256 px shards
+        # (`make bench-data`), so 2,600 / 1,570 = 1.7 cores -> 3 workers for headroom
+        # (augmentation bursts, shard opens, slower server cores); prefetch 4 batches per
+        # worker = 12 x 128 samples queued, ~0.6 s of steps to ride out a slow shard read.
+        workers=3,
         prefetch_factor=4,
         fsdp=False,                 # with device=xla: True shards weights and batch over a host's devices (SPMD FSDP)
         logs="runs/clipa",
@@ -60,8 +60,8 @@ def get_config(arg=None):
             local_loss=False,
             gather_with_grad=False,
             grad_checkpointing=False,
-            # one loader process (the other core trains): ~3,200 samples/s at 32 px, so a
-            # 64-sample batch takes ~20 ms of a ~150 ms step, ready before it is asked for
+            # one loader process (the other core trains): ~5,600 samples/s at 32 px, so a
+            # 64-sample batch takes ~11 ms of a ~150 ms step, ready before it is asked for
             workers=1,
             prefetch_factor=4,
             save_frequency=0,       # keep the final and the latest (resume) checkpoints only
