@@ -43,10 +43,6 @@ def location(where: Where):
         raise DataError(f"cannot open {where}: {e}. Install {need}") from None
 
 
-def is_local(where: Where) -> bool:
-    return isinstance(location(where)[0], LocalFileSystem)
-
-
 def join(where: Where, *parts: str) -> str:
     """``where``/``parts``, keeping a URL a URL."""
     if not is_url(where):
