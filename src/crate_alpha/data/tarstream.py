@@ -101,7 +101,7 @@ def _plain_members(stream, first: bytes) -> Iterator[Tuple[str, bytes]]:
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind == b"x":  # PAX extended header of the next member
             long_name = _pax_path(data) or long_name
-        elif kind == b"g":  # PAX global header: nothing a loader needs
+        elif kind in (b"g", b"K"):  # PAX global header, GNU long link target: nothing a loader needs
             pass
         else:
             if long_name is not None:
