@@ -91,29 +91,44 @@ def test_bad_filter_and_paths(mixed_corpus, tmp_path):
         download([tmp_path / "nothing.parquet"], tmp_path / "o")
 
 
+def _slow_corpus(tmp_path, seed: int, delay: float):
+    """24 images served slowly from loopback, their metadata in tmp_path/m.parquet: (images by uid, server)."""
+    good = {f"k{i:03d}": jpeg_bytes(seed + i, size=(40, 40)) for i in range(24)}
+    server = RoutesServer({f"/{k}.jpg": v for k, v in good.items()}, delay=delay)
+    rows = [{"uid": k, "url": f"{server.url}/{k}.jpg", "text": k, "sha256": sha(v)} for k, v in good.items()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    return good, server
+
+
+def _kill_mid_way(proc, out, timeout: float) -> None:
+    """kill -9 the download's whole process group once 2 of its 6 shards are finished."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(out.glob("*_stats.json"))) < 2:
+        assert proc.poll() is None, "the download ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(list(out.glob("*_stats.json"))) < 6, "the kill should land mid-way"
+
+
+def _complete_once(out, good) -> None:
+    samples, counts = read_shards(out)
+    assert sorted(json.loads(v["json"])["uid"] for v in samples.values()) == sorted(good)
+    assert max(counts.values()) == 1
+
+
 def test_resume_after_kill_has_no_duplicates(tmp_path):
-    good = {f"k{i:03d}": jpeg_bytes(100 + i, size=(40, 40)) for i in range(24)}
-    server = RoutesServer({f"/{k}.jpg": v for k, v in good.items()}, delay=0.15)
+    good, server = _slow_corpus(tmp_path, 100, delay=0.15)
     try:
-        rows = [{"uid": k, "url": f"{server.url}/{k}.jpg", "text": k, "sha256": sha(v)} for k, v in good.items()]
-        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
         out = tmp_path / "shards"
         code = ("import sys; from crate_alpha.data.download import download; "
                 f"download([{str(tmp_path / 'm.parquet')!r}], {str(out)!r}, image_size=32, samples_per_shard=4, "
                 "threads=1, timeout=5)")
         proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline and len(list(out.glob("*_stats.json"))) < 2:
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        done_before = len(list(out.glob("*_stats.json")))
-        assert 2 <= done_before < 6, "the kill should land mid-way"
+        _kill_mid_way(proc, out, timeout=60)
         s = download([tmp_path / "m.parquet"], out, image_size=32, samples_per_shard=4, threads=4, timeout=5)
-        samples, counts = read_shards(out)
-        assert sorted(json.loads(v["json"])["uid"] for v in samples.values()) == sorted(good)
-        assert max(counts.values()) == 1
+        _complete_once(out, good)
         assert s["successes"] == 24
     finally:
         server.close()
@@ -146,28 +161,17 @@ def test_spark_round_trip_matches_multiprocessing(mixed_corpus, tmp_path):
 
 
 def test_spark_download_killed_then_rerun_is_complete(tmp_path):
-    good = {f"k{i:03d}": jpeg_bytes(300 + i, size=(40, 40)) for i in range(24)}
-    server = RoutesServer({f"/{k}.jpg": v for k, v in good.items()}, delay=0.25)
+    good, server = _slow_corpus(tmp_path, 300, delay=0.25)
     try:
-        rows = [{"uid": k, "url": f"{server.url}/{k}.jpg", "text": k, "sha256": sha(v)} for k, v in good.items()]
-        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
         out = tmp_path / "shards"
         args = [sys.executable, "-m", "crate_alpha.cli", "data", "download", str(tmp_path / "m.parquet"),
                 "--out", str(out), "--image-size", "32", "--samples-per-shard", "4", "--threads", "1",
                 "--processes", "2", "--distributor", "pyspark", "--subjob-size", "2"]
         proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 180
-        while time.time() < deadline and len(list(out.glob("*_stats.json"))) < 2:
-            assert proc.poll() is None, "the Spark download ended before it could be killed"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its JVM and the Python workers
-        proc.wait()
-        assert 2 <= len(list(out.glob("*_stats.json"))) < 6, "the kill should land mid-way"
+        _kill_mid_way(proc, out, timeout=180)  # the process group: the driver, its JVM and the Python workers
         r = subprocess.run(args, capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr[-2000:]
-        samples, counts = read_shards(out)
-        assert sorted(json.loads(v["json"])["uid"] for v in samples.values()) == sorted(good)
-        assert max(counts.values()) == 1
+        _complete_once(out, good)
         # the settings manifest binds Spark runs as well: checked before Spark starts
         with pytest.raises(DataError, match="image_size: first run 32, now 48"):
             download([tmp_path / "m.parquet"], out, image_size=48, samples_per_shard=4, distributor="pyspark")

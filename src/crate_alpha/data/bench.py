@@ -26,6 +26,15 @@ CAPTION_WORDS = ("a photo of the old stone building near the river with trees an
                  "in summer close up view of red flowers in a garden macro shot").split()
 
 
+def _sample(i: int, jpg: bytes, caption: str, size, original_size) -> tuple:
+    """One sample with the members img2dataset writes: image, caption and its metadata ``.json``."""
+    meta = {"uid": f"{i:032x}", "url": f"https://example.com/images/{i}.jpg", "caption": caption, "key": f"{i:06d}",
+            "status": "success", "error_message": None, "width": size[0], "height": size[1],
+            "original_width": original_size[0], "original_height": original_size[1], "exif": "{}",
+            "sha256": f"{i:064x}", "clip_l14_similarity_score": 0.31}
+    return f"{i:06d}", {"jpg": jpg, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+
+
 def _photo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
     """``n`` JPEG samples cut from real photos, shorter side ``size`` (img2dataset's keep_ratio)."""
     from sklearn.datasets import load_sample_images
@@ -47,12 +56,7 @@ def _photo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
         crop.save(buf, "JPEG", quality=95)
         words = rng.choice(CAPTION_WORDS, int(rng.integers(6, 20)))
         caption = " ".join(words)
-        meta = {"uid": f"{i:032x}", "url": f"https://example.com/images/{i}.jpg", "caption": caption,
-                "key": f"{i:06d}", "status": "success", "error_message": None, "width": crop.size[0],
-                "height": crop.size[1], "original_width": cw, "original_height": ch, "exif": "{}",
-                "sha256": f"{i:064x}", "clip_l14_similarity_score": 0.31}
-        # members as img2dataset writes them: image, caption, metadata
-        samples.append((f"{i:06d}", {"jpg": buf.getvalue(), "txt": caption.encode(), "json": json.dumps(meta).encode()}))
+        samples.append(_sample(i, buf.getvalue(), caption, crop.size, (cw, ch)))
     write_tar(folder / "000000.tar", samples)
     return [str(folder / "000000.tar")]
 
@@ -172,11 +176,7 @@ def _demo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
     for i in range(n):
         k = i % len(digits.target)
         caption = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(CLASSNAMES[digits.target[k]])
-        meta = {"uid": f"{i:032x}", "url": f"http://127.0.0.1/{i}.jpg", "caption": caption, "key": f"{i:06d}",
-                "status": "success", "error_message": None, "width": size, "height": size, "original_width": size,
-                "original_height": size, "exif": "{}", "sha256": f"{i:064x}"}
-        samples.append((f"{i:06d}", {"jpg": jpeg_q95(digit_image(digits.data[k], size)), "txt": caption.encode(),
-                                     "json": json.dumps(meta).encode()}))
+        samples.append(_sample(i, jpeg_q95(digit_image(digits.data[k], size)), caption, (size, size), (size, size)))
     write_tar(folder / "000000.tar", samples)
     return [str(folder / "000000.tar")]
 

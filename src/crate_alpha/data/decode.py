@@ -125,16 +125,14 @@ class DecodeRandomResizedCrop:
 
 
 class ToNormalizedTensor:
-    """RGB uint8 (H, W, 3) -> float (3, H, W): ``ToTensor`` then ``Normalize`` in one pass."""
+    """RGB uint8 (H, W, 3) -> float (3, H, W): ``ToTensor`` then ``Normalize`` in one pass
+    (``BatchNormalize`` on a batch of one)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
-        self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255)
+        self.normalize = BatchNormalize(mean, std)
 
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
-        x = torch.empty(3, rgb.shape[0], rgb.shape[1])
-        x.copy_(torch.from_numpy(rgb).permute(2, 0, 1))
-        return x.sub_(self.mean).mul_(self.scale)
+        return self.normalize(torch.from_numpy(rgb).permute(2, 0, 1)[None])[0]
 
     def __repr__(self) -> str:
         return "ToNormalizedTensor()"
@@ -166,7 +164,7 @@ class BatchNormalize:
         self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32)
+        x = images.to(torch.float32, memory_format=torch.contiguous_format)
         return x.sub_(self.mean.to(x.device)).mul_(self.scale.to(x.device))
 
 

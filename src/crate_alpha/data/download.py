@@ -247,14 +247,14 @@ def download(
         raise DataError(f"unknown distributor {distributor!r}; use one of {', '.join(DISTRIBUTORS)}")
     output_dir = str(output_dir)
     storage.location(output_dir)  # a missing fsspec back-end is reported before any work
+    for expr in filters:  # a bad filter is reported before the metadata is hashed
+        parse_filter(expr)
     settings = {
         "metadata": [_file_record(f) for f in _metadata_files(metadata)],
         "filters": list(filters), "url_col": url_col, "caption_col": caption_col, "hash_col": hash_col or None,
         "image_size": image_size, "resize_mode": resize_mode, "samples_per_shard": samples_per_shard,
         "encode_quality": encode_quality, "max_image_area": max_image_area, "metadata_layout": METADATA_LAYOUT,
     }
-    for expr in filters:
-        parse_filter(expr)
     if not resume:
         # Start over ourselves: img2dataset's "overwrite" mode deletes whatever the folder holds.
         clear_owned(output_dir, SHARDS_KIND)
