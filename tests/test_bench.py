@@ -91,3 +91,13 @@ def test_clipa_resolution_effect(tmp_path):
     assert high["speedup_vs_largest"] == 1.0 and low["token_ratio_vs_largest"] == high["tokens"] / low["tokens"]
     assert all(r["seconds_per_step"] > 0 for r in result["rows"])
     assert plot_clipa(result, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clipa_cli_repeats_and_files(tmp_path):
+    from crate_alpha.cli import main
+
+    assert main(["bench", "--clipa", "--quick", "--repeats", "2", "--clipa-batch", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "model.json")]) == 0
+    result = json.loads((tmp_path / "clipa.json").read_text())
+    assert result["repeats"] == 2 and result["batch"] == 2 and [r["size"] for r in result["rows"]] == [16, 32, 64]
+    assert (tmp_path / "clipa.png").read_bytes()[:4] == b"\x89PNG"

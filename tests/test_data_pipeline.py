@@ -389,6 +389,18 @@ def test_batch_normalize_equals_per_image():
     assert torch.equal(a, out) and ta == "t" and b is floats
 
 
+def test_batch_normalize_copies_its_constants_to_a_device_once():
+    # a copy per batch to a GPU is a blocking one: the loader would wait for every queued step
+    from crate_alpha.data.decode import BatchNormalize
+
+    norm = BatchNormalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    first = norm(torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta"))
+    assert first.device.type == "meta" and first.dtype == torch.float32
+    constants = norm._on[torch.device("meta")]
+    norm(torch.zeros(5, 3, 4, 4, dtype=torch.uint8, device="meta"))
+    assert norm._on[torch.device("meta")] is constants
+
+
 def _expanded(expander, path):
     with open(path, "rb") as f:
         return [(s["fname"], s["data"], s["__url__"]) for s in expander([{"url": str(path), "stream": f}])]

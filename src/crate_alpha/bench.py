@@ -62,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help=f"images per inference step (default {DEFAULTS['batch']}); with --xla "
                                              f"the train-step batch (default {XLA_DEFAULTS['batch']})")
     p.add_argument("--train-batch", type=int, help=f"images per train step (default {DEFAULTS['train_batch']})")
-    p.add_argument("--repeats", type=int, help=f"timed steps per row, median reported (default {DEFAULTS['repeats']})")
+    p.add_argument("--repeats", type=int, help=f"timed steps per row, median reported (default "
+                                               f"{DEFAULTS['repeats']}; --clipa: {CLIPA_DEVICE_REPEATS} on an "
+                                               f"accelerator, {CLIPA_CPU_REPEATS} on a CPU)")
     p.add_argument("--gemm-size", type=int, help=f"N of the N x N x N matmul that measures the peak "
                                                  f"(default {DEFAULTS['gemm_size']})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if there is one, else cpu)")
@@ -515,6 +517,9 @@ if __name__ == "__main__":
 # per-step costs, the optimizer step included, weigh more).
 CLIPA_DEVICE_BATCH = 128
 CLIPA_CPU_BATCH = 8
+# timed steps per size: a CPU step at 224 px takes minutes, an accelerator's well under a second
+CLIPA_DEVICE_REPEATS = 10
+CLIPA_CPU_REPEATS = 1
 CLIPA_SIZES = (84, 112, 224)
 
 
@@ -536,7 +541,7 @@ def clipa_resolution(model: str, sizes, batch: int, device: torch.device, repeat
         r["speedup_vs_largest"] = top["seconds_per_step"] / r["seconds_per_step"]
         r["token_ratio_vs_largest"] = top["tokens"] / r["tokens"]
         r["flop_ratio_vs_largest"] = top["forward_gflop_per_image"] / r["forward_gflop_per_image"]
-    return {"model": model, "device": str(device), "batch": batch, "rows": rows}
+    return {"model": model, "device": str(device), "batch": batch, "repeats": repeats, "rows": rows}
 
 
 def _tower_step(model: str, size: int, batch: int, device: torch.device, repeats: int) -> tuple:
@@ -587,8 +592,9 @@ def plot_clipa(result: dict, path: Path) -> Path:
 def _run_clipa(args: argparse.Namespace) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     batch = args.clipa_batch or (CLIPA_DEVICE_BATCH if device.type != "cpu" else CLIPA_CPU_BATCH)
+    repeats = args.repeats or (CLIPA_DEVICE_REPEATS if device.type != "cpu" else CLIPA_CPU_REPEATS)
     model = "crate-alpha-demo" if args.quick else "crate-alpha-CLIPA-L-14"
-    result = clipa_resolution(model, CLIPA_SIZES if not args.quick else (16, 32, 64), batch, device)
+    result = clipa_resolution(model, CLIPA_SIZES if not args.quick else (16, 32, 64), batch, device, repeats)
     for r in result["rows"]:
         print(f"{r['size']:>3} px: {r['speedup_vs_largest']:.1f}x faster than {result['rows'][-1]['size']} px "
               f"with {r['token_ratio_vs_largest']:.1f}x fewer tokens, {r['flop_ratio_vs_largest']:.1f}x fewer FLOPs")

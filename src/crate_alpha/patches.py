@@ -209,9 +209,12 @@ class NormalizedLoader:
         self._loader, self._normalize, self._device = loader, normalize, device
 
     def __iter__(self):
+        # webdataset's loader does not pin its batches; from pinned memory the copy to a GPU
+        # is a DMA that overlaps the step in flight
+        pin = torch.device(self._device).type == "cuda"
         for images, *rest in self._loader:
             if images.dtype == torch.uint8:
-                images = self._normalize(images.to(self._device, non_blocking=True))
+                images = self._normalize((images.pin_memory() if pin else images).to(self._device, non_blocking=True))
             yield (images, *rest)
 
     def __len__(self):

@@ -162,10 +162,16 @@ class BatchNormalize:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        # Copied to each device once: a blocking host-to-GPU copy per batch would make the
+        # host wait for every queued step, so the loader could no longer run ahead of the GPU.
+        self._on = {self.mean.device: (self.mean, self.scale)}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(torch.float32, memory_format=torch.contiguous_format)
-        return x.sub_(self.mean.to(x.device)).mul_(self.scale.to(x.device))
+        if x.device not in self._on:
+            self._on[x.device] = (self.mean.to(x.device), self.scale.to(x.device))
+        mean, scale = self._on[x.device]
+        return x.sub_(mean).mul_(scale)
 
 
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float], scale=(0.9, 1.0),
