@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
     "pandas",
     "pyarrow",
     "pillow",
-    "opencv-python-headless",  # crate_alpha.data.decode: reduced-size JPEG decode (img2dataset needs it too)
+    "opencv-python-headless",  # crate_alpha.data.decode: crop resize, non-JPEG decode (img2dataset needs it too)
+    "simplejpeg>=1.8",  # crate_alpha.data.decode: reduced-size JPEG decode straight to RGB (libjpeg-turbo)
     "tqdm",
     "matplotlib",
     "pyyaml",

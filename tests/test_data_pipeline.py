@@ -301,6 +301,28 @@ def test_fast_decode_other_inputs():
         decode_crop(b"\xff\xd8 not really a jpeg", 16)
 
 
+def test_jpeg_decode_equals_opencv_at_every_scale():
+    # simplejpeg (TurboJPEG) gives OpenCV's libjpeg-turbo pixels, at the same reduced sizes
+    import cv2
+
+    from crate_alpha.data.decode import _REDUCED, _decode, image_size
+
+    for data in (_smooth_jpeg(), _smooth_jpeg(331, 257, quality=80), _smooth_jpeg(mode="L")):
+        for reduce in (1, 2, 4, 8):
+            ours = _decode(data, reduce, image_size(data))
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce])
+            assert ours.shape == bgr.shape and np.array_equal(ours, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    # CMYK comes out as RGB; a truncated file decodes as far as it goes (as OpenCV's would); a
+    # header with no scan, which TurboJPEG refuses, goes on to OpenCV and fails with our error
+    box = (0, 0, 256, 340)
+    rgb = decode_crop(_smooth_jpeg(), 32, box).astype(float)
+    assert np.abs(decode_crop(_smooth_jpeg(mode="CMYK"), 32, box) - rgb).mean() < 8
+    data = _smooth_jpeg()
+    assert decode_crop(data[:len(data) // 2], 32, box).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="does not decode"):
+        decode_crop(data[:data.index(b"\xff\xda")], 32)
+
+
 def test_crop_parameters_follow_torchvision():
     import random
 

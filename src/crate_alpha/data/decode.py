@@ -9,6 +9,10 @@ onto the reduced image; what remains is a downscale by less than 2x, where bilin
 interpolation sees every source pixel. The result equals open_clip's plain
 decode-then-``RandomResizedCrop`` up to resampling error (tests/test_data_pipeline.py).
 
+JPEGs are decoded by simplejpeg (libjpeg-turbo's TurboJPEG API, straight to RGB): the same
+pixels as OpenCV's reduced decode, ~15% faster, and the decode is ~70% of a sample's time
+at 84 px. What it refuses (CMYK, say) and every other format goes to OpenCV.
+
 Written here rather than taken from a library because none decodes at reduced scale
 inside a crop: torchvision's ``decode_jpeg`` has no scaling, PIL's ``draft`` does but its
 decode plus antialiased bicubic resize costs ~2x OpenCV's (``make bench-data`` measures
@@ -26,6 +30,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import simplejpeg
 import torch
 
 _log = logging.getLogger(__name__)
@@ -76,11 +81,20 @@ def sample_crop(width: int, height: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3),
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _decode(data: bytes, reduce: int) -> np.ndarray:
+def _decode(data: bytes, reduce: int, wh: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of ``data`` at 1/``reduce`` scale (``wh``: a JPEG's size, from its header)."""
+    if wh is not None:
+        try:
+            # the smallest TurboJPEG scale with both sides >= ceil(side / reduce) is 1/reduce;
+            # strict=False: a truncated file decodes as far as it goes, as with OpenCV
+            return simplejpeg.decode_jpeg(data, "RGB", min_width=-(-wh[0] // reduce),
+                                          min_height=-(-wh[1] // reduce), strict=False)
+        except ValueError:
+            pass  # what TurboJPEG cannot convert to RGB (CMYK, YCCK) OpenCV still can
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce] | _IGNORE_ORIENTATION)
     if bgr is None:
         raise ValueError("image does not decode")
-    return bgr
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _reduction(side: int, size: int) -> int:
@@ -94,21 +108,22 @@ def _reduction(side: int, size: int) -> int:
 def decode_crop(data: bytes, size: int, box: Optional[Box] = None, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3),
                 draft: bool = True) -> np.ndarray:
     """Decode ``data`` and return the (random or given) crop resized to size x size, RGB uint8 (H, W, 3)."""
-    wh, bgr = image_size(data), None
+    wh = header = image_size(data)
+    rgb = None
     if wh is None:  # not a JPEG (PNG, WebP, ...): decoded whole
-        bgr = _decode(data, 1)
-        wh = (bgr.shape[1], bgr.shape[0])
+        rgb = _decode(data, 1)
+        wh = (rgb.shape[1], rgb.shape[0])
     top, left, h, w = box if box is not None else sample_crop(*wh, scale, ratio)
-    if bgr is None:
-        bgr = _decode(data, _reduction(min(w, h), size) if draft else 1)
-    sy, sx = bgr.shape[0] / wh[1], bgr.shape[1] / wh[0]
+    if rgb is None:
+        rgb = _decode(data, _reduction(min(w, h), size) if draft else 1, header)
+    sy, sx = rgb.shape[0] / wh[1], rgb.shape[1] / wh[0]
     y0, x0 = int(round(top * sy)), int(round(left * sx))
     y1, x1 = max(y0 + 1, int(round((top + h) * sy))), max(x0 + 1, int(round((left + w) * sx)))
-    crop = bgr[y0:y1, x0:x1]
+    crop = rgb[y0:y1, x0:x1]
     # below 2x, bilinear sees every source pixel; further down it would alias, so area-average
     shrink = min(crop.shape[0], crop.shape[1]) / size
     interp = cv2.INTER_AREA if shrink >= 2 else cv2.INTER_LINEAR if shrink >= 1 else cv2.INTER_CUBIC
-    return cv2.cvtColor(cv2.resize(crop, (size, size), interpolation=interp), cv2.COLOR_BGR2RGB)
+    return cv2.resize(crop, (size, size), interpolation=interp)
 
 
 class DecodeRandomResizedCrop:
@@ -147,7 +162,8 @@ class ToUint8Tensor:
     """
 
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+        # numpy's strided copy: ~7 µs at 84 px against ~16 for torch's permute().contiguous()
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
     def __repr__(self) -> str:
         return "ToUint8Tensor()"
