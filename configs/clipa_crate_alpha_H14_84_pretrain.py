@@ -2,7 +2,7 @@
 
 Loader sizing: image tower 69.9 GFLOP forward per sample at 84 px, so a step costs ~300
 GFLOP per sample (x 4 for forward, backward and checkpoint recompute, + ~19 for the
-locked text tower): ~1,300 samples/s on an H100 at 40% of 989 TFLOP/s. At ~1,570 samples/s
+locked text tower): ~1,300 samples/s on an H100 at 40% of 989 TFLOP/s. At ~1,650 samples/s
 per loader core (`make bench-data`) that is 0.8 cores -> 2 workers with headroom, each
 keeping 4 batches ready.
 """

@@ -37,8 +37,8 @@ def get_config(arg=None):
         # per sample: image tower 33.6 GFLOP forward at 84 px (torch's FLOP counter) x 4
         # (forward, backward, checkpoint recompute) + ~19 for the locked text tower. At 40%
         # of an H100's 989 bf16 TFLOP/s that is ~2,600 samples/s per GPU (a TPU v3 core:
-        # ~160/s). One loader core does ~1,570 samples/s at 84 px from 256 px shards
-        # (`make bench-data`), so 2,600 / 1,570 = 1.7 cores -> 3 workers for headroom
+        # ~160/s). One loader core does ~1,650 samples/s at 84 px from 256 px shards
+        # (`make bench-data`), so 2,600 / 1,650 = 1.6 cores -> 3 workers for headroom
         # (augmentation bursts, shard opens, slower server cores); prefetch 4 batches per
         # worker = 12 x 128 samples queued, ~0.6 s of steps to ride out a slow shard read.
         workers=3,
