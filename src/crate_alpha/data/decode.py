@@ -11,7 +11,7 @@ decode-then-``RandomResizedCrop`` up to resampling error (tests/test_data_pipeli
 
 JPEGs are decoded by simplejpeg (libjpeg-turbo's TurboJPEG API, straight to RGB): the same
 pixels as OpenCV's reduced decode, ~15% faster, and the decode is ~70% of a sample's time
-at 84 px. What it refuses (CMYK, say) and every other format goes to OpenCV.
+at 84 px. What it refuses, and every other format, goes to OpenCV.
 
 Written here rather than taken from a library because none decodes at reduced scale
 inside a crop: torchvision's ``decode_jpeg`` has no scaling, PIL's ``draft`` does but its
@@ -90,7 +90,7 @@ def _decode(data: bytes, reduce: int, wh: Optional[Tuple[int, int]] = None) -> n
             return simplejpeg.decode_jpeg(data, "RGB", min_width=-(-wh[0] // reduce),
                                           min_height=-(-wh[1] // reduce), strict=False)
         except ValueError:
-            pass  # what TurboJPEG cannot convert to RGB (CMYK, YCCK) OpenCV still can
+            pass  # OpenCV gets its chance; its refusal is the error below
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce] | _IGNORE_ORIENTATION)
     if bgr is None:
         raise ValueError("image does not decode")
