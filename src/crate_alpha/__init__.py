@@ -1,8 +1,10 @@
 """CRATE-α for timm and open_clip.
 
 ``import crate_alpha`` registers the CRATE-α models in timm
-(``timm.create_model("crate_alpha_base_patch16_224")``) and the CRATE-α CLIP configs in
-open_clip (``open_clip.create_model("crate-alpha-L-14")``).
+(``timm.create_model("crate_alpha_base_patch16_224.in21k_ft_in1k", pretrained=True)``) and
+the CRATE-α CLIP configs in open_clip (``open_clip.create_model("crate-alpha-L-14")``).
+Installed, the package does this by itself when timm or open_clip is imported (the start-up
+hook ``_crate_alpha_autoload``; ``CRATE_ALPHA_AUTOLOAD=0`` turns it off).
 """
 from pathlib import Path
 
@@ -11,10 +13,9 @@ from .crate_alpha import (
     MSSA,
     ODL,
     CrateAlpha,
+    checkpoint_filter_fn,
     custom_variant_name,
     list_crate_alpha_models,
-    register_folder_variants,
-    register_variant,
     sincos_2d_pos_embed,
     unknown_model_message,
     variant_args,
@@ -41,9 +42,18 @@ def list_open_clip_models() -> list:
 
 _register_open_clip_configs()
 
+
+def pretrained_dir(name: str, revision=None, tokenizer=None) -> str:
+    """``local-dir:FOLDER`` of a released CLIPA model (e.g. ``"crate-alpha-CLIPA-L-14"``), for
+    ``open_clip.create_model_and_transforms`` and ``open_clip.get_tokenizer``: downloaded
+    through huggingface_hub and converted once into its cache. See :mod:`crate_alpha.hub`."""
+    from .hub import pretrained_dir as _pretrained_dir
+
+    return _pretrained_dir(name, revision=revision, tokenizer=tokenizer)
+
 __all__ = [
-    "CRATE_ALPHA_SIZES", "ISTA", "MSSA", "ODL", "Crate", "CrateAlpha", "MODEL_CONFIG_DIR", "custom_variant_name",
-    "list_crate_alpha_models", "list_open_clip_models", "register_folder_variants", "register_variant",
+    "CRATE_ALPHA_SIZES", "ISTA", "MSSA", "ODL", "Crate", "CrateAlpha", "MODEL_CONFIG_DIR", "checkpoint_filter_fn",
+    "custom_variant_name", "list_crate_alpha_models", "list_open_clip_models", "pretrained_dir",
     "sincos_2d_pos_embed",
     "unknown_model_message", "variant_args", "variant_name",
 ]

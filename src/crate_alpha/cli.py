@@ -13,7 +13,11 @@ from pathlib import Path
 
 _FORCE_HELP = ("replace an existing OUT_DIR, if it is empty or a model folder written by crate-alpha "
                "(any other files are never deleted)")
-_MODEL_HELP = "a local-dir:FOLDER (timm or open_clip, e.g. converted release weights), a folder, or a timm name"
+_MODEL_HELP = ("a released model (crate_alpha_base_patch16_224.in21k_ft_in1k, crate-alpha-CLIPA-L-14; "
+               "see `crate-alpha released`), hf://OWNER/REPO/PATH, a local-dir:FOLDER or folder, or a timm name")
+_SRC_HELP = "a file, or a Hub file hf://OWNER/REPO[@REVISION]/PATH (downloaded through huggingface_hub)"
+_TOKENIZER_HELP = ("CLIPA: a folder of the bert-base-uncased tokenizer files to copy into OUT_DIR "
+                   "(default: from the Hugging Face cache, else downloaded)")
 _COMPILE_HELP = "run the model under torch.compile (the first batches are slower while it compiles)"
 
 
@@ -21,25 +25,41 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _model(spec):
+    """A Hub reference as a local-dir: folder (converted once into the Hub cache); else as given."""
+    from .hub import resolve_model
+
+    return resolve_model(spec)
+
+
+def _file(spec):
+    from .hub import resolve_file
+
+    return resolve_file(spec)
+
+
 # ---- convert / export ------------------------------------------------------------------
 
 def _convert_official(a):
     from .convert import convert_official_torch
 
-    _print_json(convert_official_torch(a.src, a.out_dir, heads=a.heads, text_heads=a.text_heads, model=a.model,
-                                       force=a.force))
+    _print_json(convert_official_torch(_file(a.src), a.out_dir, heads=a.heads, text_heads=a.text_heads,
+                                       model=a.model, force=a.force, tokenizer=a.tokenizer))
 
 
 def _convert_big_vision(a):
     from .convert.big_vision import convert_big_vision
 
-    _print_json(convert_big_vision(a.src, a.out_dir, force=a.force))
+    src = a.src
+    if src.startswith("hf://") and src.endswith(":img"):
+        src = _file(src[:-len(":img")]) + ":img"
+    _print_json(convert_big_vision(_file(src), a.out_dir, force=a.force, tokenizer=a.tokenizer))
 
 
 def _export(a):
     from .convert.folders import export_open_clip_checkpoint
 
-    out = export_open_clip_checkpoint(a.checkpoint, a.model, a.out_dir, a.image_size, a.force)
+    out = export_open_clip_checkpoint(_file(a.checkpoint), a.model, a.out_dir, a.image_size, a.force)
     print(f"wrote {out}; load with open_clip.create_model_and_transforms('local-dir:{out}')")
 
 
@@ -47,16 +67,19 @@ def _add_convert(sub) -> None:
     conv = sub.add_parser("convert", help="convert released weights to a timm / open_clip folder")
     csub = conv.add_subparsers(dest="source", required=True)
     p = csub.add_parser("official-torch", help="the official PyTorch .pth (classifier or CLIPA)")
-    p.add_argument("src", help="official .pth state dict")
+    p.add_argument("src", help="official .pth state dict: " + _SRC_HELP)
     p.add_argument("out_dir", help="model folder to write (must not exist unless --force)")
     p.add_argument("--heads", type=int, help="vision attention heads (not stored in the weights)")
     p.add_argument("--text-heads", type=int, help="text attention heads (default: width // 64)")
     p.add_argument("--model", help="a released model name whose head counts to use")
+    p.add_argument("--tokenizer", help=_TOKENIZER_HELP)
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=_convert_official)
     p = csub.add_parser("big-vision", help="a big_vision .npz (classifier, CLIPA two towers, or FILE.npz:img)")
-    p.add_argument("src", help="big_vision .npz; FILE.npz:img converts only the image tower to a timm folder")
+    p.add_argument("src", help="big_vision .npz; FILE.npz:img converts only the image tower to a timm folder; "
+                   + _SRC_HELP)
     p.add_argument("out_dir", help="model folder to write (must not exist unless --force)")
+    p.add_argument("--tokenizer", help=_TOKENIZER_HELP)
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=_convert_big_vision)
     p = sub.add_parser("export", help="a training checkpoint (epoch_*.pt) as an open_clip local-dir folder")
@@ -196,7 +219,7 @@ def _cls_train(a):
 def _cls_eval(a):
     from .classifier.evaluate import run_eval
 
-    _print_json(run_eval(a.data, a.output, a.model, a.checkpoint, a.batch_size, a.workers, a.ema,
+    _print_json(run_eval(a.data, a.output, _model(a.model), _file(a.checkpoint), a.batch_size, a.workers, a.ema,
                          torchcompile=a.torchcompile or None))
 
 
@@ -222,7 +245,7 @@ def _add_training(sub) -> None:
                    help="a recipe file or shipped recipe name, then overrides of its keys (timm train.py's names)")
     p.set_defaults(fn=_cls_train)
     e = sub.add_parser("cls-eval", help="top-1/top-5 of a classifier checkpoint or a local-dir: folder")
-    e.add_argument("--model", help="local-dir:FOLDER (converted weights) or a timm name")
+    e.add_argument("--model", help=_MODEL_HELP)
     e.add_argument("--checkpoint", help="a checkpoint of the classification trainer (latest.pt)")
     e.add_argument("--data", required=True, help="ImageFolder directory or .tar shard pattern (.jpg + .cls)")
     e.add_argument("--output", required=True)
@@ -240,7 +263,8 @@ def _add_training(sub) -> None:
 def _zs_eval(a):
     from .zeroshot import clip_benchmark_eval
 
-    r = clip_benchmark_eval(a.model, a.dataset, a.dataset_root, a.output, a.checkpoint, a.task, a.batch_size,
+    r = clip_benchmark_eval(_model(a.model), a.dataset, a.dataset_root, a.output, _file(a.checkpoint), a.task,
+                            a.batch_size,
                             a.workers, torchcompile=a.torchcompile)
     _print_json(r["metrics"])
 
@@ -249,7 +273,7 @@ def _zs_imagenet(a):
     from .zeroshot import clip_benchmark_eval, imagenet_root
 
     root = imagenet_root(a.val_dir, a.cache)
-    r = clip_benchmark_eval(a.model, "imagenet1k", root, a.output, a.checkpoint, "zeroshot_classification",
+    r = clip_benchmark_eval(_model(a.model), "imagenet1k", root, a.output, _file(a.checkpoint), "zeroshot_classification",
                             a.batch_size, a.workers, torchcompile=a.torchcompile)
     _print_json(r["metrics"])
 
@@ -273,8 +297,9 @@ def _add_zeroshot(sub) -> None:
     i.add_argument("--cache", default="runs/imagenet_root")
     i.set_defaults(fn=_zs_imagenet, workers=4)
     for p in (e, i):
-        p.add_argument("--model", required=True, help="open_clip name (e.g. crate-alpha-demo) or local-dir:FOLDER")
-        p.add_argument("--checkpoint", help="training checkpoint (open_clip_train's epoch_*.pt)")
+        p.add_argument("--model", required=True, help="a released CLIPA model (crate-alpha-CLIPA-L-14), "
+                       "hf://OWNER/REPO/PATH, an open_clip name (e.g. crate-alpha-demo) or local-dir:FOLDER")
+        p.add_argument("--checkpoint", help="training checkpoint (open_clip_train's epoch_*.pt): " + _SRC_HELP)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--workers", type=int, help="data-loader workers")
         p.add_argument("--output", required=True)
@@ -290,14 +315,14 @@ def _add_zeroshot(sub) -> None:
 def _explain(a):
     from .whitebox import explain
 
-    paths = explain(a.images, a.model, a.out, num_masks=a.num_masks, tau=a.tau, size=a.size)
+    paths = explain(a.images, _model(a.model), a.out, num_masks=a.num_masks, tau=a.tau, size=a.size)
     print(f"wrote {len(paths)} PNG(s) to {a.out}")
 
 
 def _diagnose(a):
     from .whitebox import diagnose
 
-    res = diagnose(a.model, a.images, a.out, max_images=a.max_images, size=a.size)
+    res = diagnose(_model(a.model), a.images, a.out, max_images=a.max_images, size=a.size)
     for r in res["layers"]:
         print(json.dumps(r))
     print(f"wrote {a.out}/diagnostics.json and diagnostics.png ({res['images']} images)")
@@ -306,7 +331,7 @@ def _diagnose(a):
 def _segment_eval(a):
     from .segment_eval import segment_eval
 
-    _print_json(segment_eval(a.model, a.out, voc=a.voc, coco_images=a.coco_images,
+    _print_json(segment_eval(_model(a.model), a.out, voc=a.voc, coco_images=a.coco_images,
                              coco_annotations=a.coco_annotations, limit=a.limit, num_masks=a.num_masks, tau=a.tau))
 
 
@@ -366,6 +391,12 @@ def _bench(a):
     return bench.run(a)
 
 
+def _released(a):
+    from .released import table
+
+    print(table(), end="")
+
+
 def _model_table(a):
     from .model_table import model_table
 
@@ -397,6 +428,8 @@ def _add_demos(sub) -> None:
     p = sub.add_parser("bench", help="model speed: eager, compiled, official einsum form, timm ViT (JSON + PNG)")
     bench.add_arguments(p)
     p.set_defaults(fn=_bench)
+    p = sub.add_parser("released", help="every released weight file: model, tag, paper figure, the call that loads it")
+    p.set_defaults(fn=_released)
     p = sub.add_parser("model-table", help="parameters and GFLOPs of every registered CRATE-α variant")
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)

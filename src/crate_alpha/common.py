@@ -90,13 +90,6 @@ def timm_folder_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-def register_folder(folder: Path) -> None:
-    """Make a folder's CRATE-α architecture name known to timm (a shape-named variant)."""
-    from .crate_alpha import register_folder_variants
-
-    register_folder_variants(folder)
-
-
 def read_state_dict(path: os.PathLike, what: str = "checkpoint") -> Dict[str, "object"]:
     """A state dict from a checkpoint file, through open_clip's loader (``state_dict`` key and
     DDP's ``module.`` prefix handled there)."""

@@ -15,33 +15,32 @@ layer scale, gradient checkpointing, ``forward_intermediates``, ``group_matcher`
 * position grids resampled on *any* ``load_state_dict`` (timm, open_clip, plain torch),
   so a checkpoint trained at 84 px loads into a 224 px model and back.
 
-Reads top-down: operators, model, configs, registrations. The fixed names
-(``list_crate_alpha_models()``) are registered on import; a shape name
-``crate_alpha_w{W}_d{D}_h{H}_patch{P}_{R}`` (a converted checkpoint of another size) is
-registered by :func:`register_variant` or, for a model folder, :func:`register_folder_variants`,
-both through timm's public ``register_model``.
+Reads top-down: operators, model, configs, released weights, registrations. The fixed
+names (``list_crate_alpha_models()``) carry the released weights as timm pretrained tags
+(``crate_alpha_base_patch16_224.in21k_ft_in1k``), converted from the official layouts on
+load. Any other shape is ``crate_alpha_custom``: its shape comes from ``model_args``
+(timm's ``config.json``) or from the tag ``crate_alpha_custom.w{W}_d{D}_h{H}_patch{P}_{R}``
+(open_clip's timm towers, which can pass timm a name but no arguments), so no name ever
+needs registering at run time.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import threading
 from functools import partial
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, resample_abs_pos_embed, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["MSSA", "ODL", "CrateAlpha", "CRATE_ALPHA_SIZES", "list_crate_alpha_models", "register_variant",
-           "register_folder_variants"]
+from . import released
+
+__all__ = ["MSSA", "ODL", "CrateAlpha", "CRATE_ALPHA_SIZES", "list_crate_alpha_models", "checkpoint_filter_fn"]
 
 
 # --------------------------------------------------------------------------------------
@@ -290,6 +289,16 @@ class CrateAlpha(VisionTransformer):
         if self.pos_embed_type == "sincos":
             self.reset_pos_embed_sincos()
 
+    def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
+        """A released big_vision ``.npz`` (timm's ``custom_load`` hook), converted on load."""
+        from .convert.big_vision import convert_classifier, load_npz
+
+        _, args, state = convert_classifier(load_npz(checkpoint_path), prefix)
+        _check_released_shape(self, args, checkpoint_path)
+        if self.num_classes != args["num_classes"]:  # another head was asked for: keep the trunk only
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        self.load_state_dict(state, strict=self.num_classes == args["num_classes"])
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Resample a position grid of another resolution here, so that every loader
@@ -341,13 +350,14 @@ _VARIANTS = [
     ("demo", 8, 64),
 ]
 
-# Custom sizes (e.g. from converted checkpoints) are named by their shape.
-_CUSTOM_NAME = re.compile(r"^crate_alpha_w(\d+)_d(\d+)_h(\d+)_patch(\d+)_(\d+)$")
+# Any other size (a converted checkpoint, an exported run at another resolution) is
+# crate_alpha_custom, its shape in model_args or spelled by its tag.
+CUSTOM = "crate_alpha_custom"
+_SHAPE_TAG = re.compile(r"^w(\d+)_d(\d+)_h(\d+)_patch(\d+)_(\d+)$")
 
 
 def pretrained_cfg(res: int = 224, **kwargs: Any) -> Dict[str, Any]:
     # The official evaluation: resize 256, centre crop 224 (bilinear), ImageNet mean/std.
-    # No weights are hosted (no url / hf_hub_id): converted checkpoints load from a folder.
     return {
         "num_classes": 1000,
         "input_size": (3, res, res),
@@ -359,7 +369,7 @@ def pretrained_cfg(res: int = 224, **kwargs: Any) -> Dict[str, Any]:
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj",
         "classifier": "head",
-        "license": "mit",
+        "license": released.LICENSE,
         "paper_ids": "arXiv:2405.20299",
         "paper_name": "Scaling White-Box Transformers for Vision",
         "origin_url": "https://github.com/UCSC-VLAA/CRATE-alpha",
@@ -372,7 +382,18 @@ def variant_name(size: str, patch: int, res: int) -> str:
 
 
 def custom_variant_name(width: int, depth: int, heads: int, patch: int, res: int) -> str:
-    return f"crate_alpha_w{width}_d{depth}_h{heads}_patch{patch}_{res}"
+    """``crate_alpha_custom.w{W}_d{D}_h{H}_patch{P}_{R}``: a shape as a name timm resolves with no registration."""
+    return f"{CUSTOM}.w{width}_d{depth}_h{heads}_patch{patch}_{res}"
+
+
+def _shape_of_tag(tag: str, what: str) -> Dict[str, Any]:
+    m = _SHAPE_TAG.match(tag)
+    if m is None:
+        raise ValueError(f"{what}: the tag {tag!r} is not a shape w{{width}}_d{{depth}}_h{{heads}}_patch{{P}}_{{res}} "
+                         "(crate_alpha_custom has no released weights)")
+    w, d, h, p, r = map(int, m.groups())
+    check_shape_args(w, d, h, p, r, what=what)
+    return dict(embed_dim=w, depth=d, num_heads=h, patch_size=p, img_size=r)
 
 
 def check_shape_args(embed_dim, depth, num_heads, patch_size, img_size, what: str = "CRATE-α model") -> None:
@@ -397,12 +418,15 @@ def check_shape_args(embed_dim, depth, num_heads, patch_size, img_size, what: st
 
 
 def variant_args(name: str) -> Dict[str, Any]:
-    """Architecture arguments of a registered or shape-named CRATE-α variant."""
-    m = _CUSTOM_NAME.match(name)
-    if m:
-        w, d, h, p, r = map(int, m.groups())
-        check_shape_args(w, d, h, p, r, what=name)
-        return dict(embed_dim=w, depth=d, num_heads=h, patch_size=p, img_size=r)
+    """Architecture arguments of a CRATE-α name: a fixed one, ``crate_alpha_custom`` (the
+    base shape, to be overridden) or ``crate_alpha_custom.<shape tag>``; a pretrained tag
+    of a fixed name does not change its shape."""
+    base, _, tag = name.partition(".")
+    if base == CUSTOM:
+        if tag:
+            return _shape_of_tag(tag, name)
+        base = variant_name("base", 16, 224)
+    name = base
     for size, patch, res in _VARIANTS:
         if variant_name(size, patch, res) == name:
             w, d, h = CRATE_ALPHA_SIZES[size]
@@ -416,11 +440,66 @@ def list_crate_alpha_models() -> list:
 
 def unknown_model_message(name: str) -> str:
     return (f"unknown CRATE-α model {name!r}; known names: {', '.join(list_crate_alpha_models())} "
-            "(or crate_alpha_w{width}_d{depth}_h{heads}_patch{P}_{res} for another shape)")
+            f"(or {CUSTOM}.w{{width}}_d{{depth}}_h{{heads}}_patch{{P}}_{{res}} for another shape)")
+
+
+# --------------------------------------------------------------------------------------
+# Released weights
+# --------------------------------------------------------------------------------------
+
+def _check_released_shape(model: "CrateAlpha", args: Dict[str, Any], source: str) -> None:
+    own = (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads, model.patch_embed.patch_size[0])
+    theirs = (args["embed_dim"], args["depth"], args["num_heads"], args["patch_size"])
+    if own != theirs:
+        raise ValueError(f"{source} holds a CRATE-α of width {theirs[0]}, depth {theirs[1]}, {theirs[2]} heads, "
+                         f"patch {theirs[3]}; the model asked for is {own[0]}, {own[1]}, {own[2]}, {own[3]}")
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: "CrateAlpha") -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn``: an official checkpoint in this model's layout.
+
+    The official classifier layout and the CLIPA image-text layout (its image tower, with
+    the image projection as the head) are converted by the converters' own mappings;
+    a state dict already in timm's layout passes through.
+    """
+    from .convert import official_torch
+
+    if "state_dict" in state_dict or "model" in state_dict:  # the wrappers official_torch reads too
+        state_dict = state_dict.get("state_dict", state_dict.get("model"))
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    heads = model.blocks[0].attn.num_heads
+    layout = official_torch.detect_layout(state_dict) if "conv1.weight" in state_dict or \
+        "visual.conv1.weight" in state_dict else "timm"
+    if layout == "classifier":
+        _, args, out = official_torch.convert_classifier(state_dict, heads=heads)
+        _check_released_shape(model, args, "the checkpoint")
+        return out
+    if layout == "clipa":
+        cfg, _, full = official_torch.convert_clipa(state_dict, heads=heads)
+        out = {k[len("visual.trunk."):]: v for k, v in full.items() if k.startswith("visual.trunk.")}
+        proj = full["visual.head.proj.weight"]
+        out["head.weight"], out["head.bias"] = proj, proj.new_zeros(proj.shape[0])
+        return out
+    return state_dict
+
+
+def _released_cfg(r: released.Release) -> Dict[str, Any]:
+    cfg = pretrained_cfg(224, hf_hub_id=released.REPO, hf_hub_filename=r.path, num_classes=r.num_classes)
+    if r.kind == "big_vision":
+        cfg["custom_load"] = "hf"  # timm downloads from the Hub, then calls CrateAlpha.load_pretrained
+    if r.kind == "clipa":
+        # the CLIPA image tower: its head is the image projection; CLIPA's own preprocessing
+        cfg.update(interpolation="bicubic", crop_pct=1.0)
+    return cfg
 
 
 default_cfgs = generate_default_cfgs({
-    variant_name(size, patch, res): pretrained_cfg(res) for size, patch, res in _VARIANTS
+    # timm's order: the first tag of a name is its default (timm.create_model(name, pretrained=True))
+    **{r.name: _released_cfg(r) for r in released.RELEASES},
+    # names without released weights: a cfg without a source
+    **{variant_name(size, patch, res): pretrained_cfg(res) for size, patch, res in _VARIANTS
+       if variant_name(size, patch, res) not in {r.model for r in released.RELEASES}},
+    CUSTOM: pretrained_cfg(224),
 })
 
 
@@ -436,7 +515,7 @@ def build_variant(cls, variant: str, pretrained: bool, args: Dict[str, Any], **b
     out_indices = args.pop("out_indices", 3)
     return build_model_with_cfg(cls, variant, pretrained, feature_cfg=dict(out_indices=out_indices,
                                                                           feature_cls="getter"),
-                                **build_kwargs, **args)
+                                pretrained_filter_fn=checkpoint_filter_fn, **build_kwargs, **args)
 
 
 def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
@@ -497,80 +576,18 @@ def crate_alpha_demo_patch8_64(pretrained: bool = False, **kwargs) -> CrateAlpha
     return _create_crate_alpha("crate_alpha_demo_patch8_64", pretrained, **kwargs)
 
 
-def _shape_entrypoint(name: str):
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
-        return _create_crate_alpha(name, pretrained, **kwargs)
-
-    # timm registers an entrypoint under its __name__, and files it under its module, so a
-    # shape name lists beside the fixed names (timm.list_models(module="crate_alpha")).
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = f"CRATE-α of the shape its name spells ({name})."
-    return entrypoint
-
-
-# Two threads registering the same new name must not both reach register_model (it warns
-# on a second registration and replaces the first).
-_REGISTER_LOCK = threading.Lock()
+@register_model
+def crate_alpha_custom(pretrained: bool = False, pretrained_cfg=None, **kwargs) -> CrateAlpha:
+    """CRATE-α of any shape: ``model_args`` (a timm folder's config.json) or the tag
+    ``crate_alpha_custom.w{W}_d{D}_h{H}_patch{P}_{R}`` (an open_clip tower) gives it."""
+    args = variant_args(CUSTOM)
+    if isinstance(pretrained_cfg, str):  # the tag: timm hands the part after the dot to the entrypoint
+        args = _shape_of_tag(pretrained_cfg, f"{CUSTOM}.{pretrained_cfg}")
+        if pretrained:
+            raise ValueError(f"{CUSTOM}.{pretrained_cfg}: no released weights have this shape; "
+                             "load a converted folder with local-dir: instead")
+        pretrained_cfg = {**pretrained_cfg_of(args["img_size"]), "architecture": CUSTOM, "tag": ""}
+    return build_variant(CrateAlpha, CUSTOM, pretrained, {**args, **kwargs}, pretrained_cfg=pretrained_cfg)
 
 
-def register_variant(name: str) -> str:
-    """Make a CRATE-α model name known to timm; returns ``name``.
-
-    A shape name ``crate_alpha_w{W}_d{D}_h{H}_patch{P}_{R}`` has its shape checked and is
-    registered through timm's ``register_model``, with a pretrained cfg of its own (input
-    size R), so that ``timm.create_model(name)`` (``features_only=True`` included) and an
-    open_clip tower naming it work. A name timm already knows, such as the fixed names of
-    :func:`list_crate_alpha_models` (registered on import), is left as it is.
-
-    Raises ValueError naming the problem for a name that is not CRATE-α's, or a shape that
-    cannot be built (0 heads, a width not divisible by the heads, ...).
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"register_variant takes a model name, got {type(name).__name__}")
-    args = variant_args(name)  # refuses unknown names and impossible shapes before timm hears of them
-    with _REGISTER_LOCK:
-        if not is_model(name):
-            # register_model takes the pretrained cfg from this module's default_cfgs.
-            default_cfgs.update(generate_default_cfgs({name: pretrained_cfg(args["img_size"])}))
-            fn = _shape_entrypoint(name)
-            # register_model adds the name to this module's __all__; without the attribute
-            # `from crate_alpha.crate_alpha import *` would fail on it.
-            globals()[name] = fn
-            register_model(fn)
-    return name
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except OSError:  # absent or unreadable: the loader that comes next reports it in its own words
-        return {}
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return obj if isinstance(obj, dict) else {}
-
-
-def register_folder_variants(folder: Union[str, os.PathLike]) -> List[str]:
-    """Register the CRATE-α shape names a model folder's config names; returns them.
-
-    A fresh process knows only the fixed names, so a converted model of another size needs
-    this before ``timm.create_model("local-dir:FOLDER", pretrained=True)`` or
-    ``open_clip.create_model("local-dir:FOLDER")``. Reads timm's ``config.json``
-    (``architecture``) and open_clip's ``open_clip_config.json``
-    (``model_cfg.vision_cfg.timm_model_name``); ``FOLDER`` may carry the ``local-dir:``
-    prefix. Other names (the fixed ones, timm's own models) and missing files are left to
-    the loader, which reports them; an impossible shape name raises ValueError here.
-    """
-    if isinstance(folder, str) and folder.startswith("local-dir:"):
-        folder = folder[len("local-dir:"):]
-    folder = Path(folder).expanduser()
-    timm_cfg = _read_config(folder / "config.json")
-    clip_cfg = _read_config(folder / "open_clip_config.json")
-    model_cfg = clip_cfg.get("model_cfg")
-    vision_cfg = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None
-    names = [timm_cfg.get("architecture"), vision_cfg.get("timm_model_name") if isinstance(vision_cfg, dict) else None]
-    found = []
-    for name in names:
-        if isinstance(name, str) and _CUSTOM_NAME.match(name) and name not in found:
-            found.append(register_variant(name))
-    return found
+pretrained_cfg_of = pretrained_cfg

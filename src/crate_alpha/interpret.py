@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import CrateAlphaError, folder_kind, model_folder, register_folder
+from .common import CrateAlphaError, folder_kind, model_folder
 
 __all__ = [
     "BlockTrace", "Trace", "encoder", "trace", "attention", "pca_features", "maskcut", "ncut_bipartition",
@@ -69,7 +69,6 @@ def _from_folder(folder: Path) -> nn.Module:
     import open_clip
     import timm
 
-    register_folder(folder)
     if folder_kind(folder) == "open_clip":
         return open_clip.create_model(f"local-dir:{folder}").visual
     return timm.create_model(f"local-dir:{folder}", pretrained=True)
@@ -85,8 +84,6 @@ def _from_string(spec: str) -> nn.Module:
     if folder is not None:
         return _from_folder(folder)
     name = spec.split(".")[0]
-    if name.startswith("crate_alpha_") and not timm.is_model(name):
-        crate_alpha.register_variant(name)  # a shape name (crate_alpha_w{W}_d{D}_h{H}_patch{P}_{R})
     if timm.is_model(name):
         return timm.create_model(spec, pretrained=False)
     if spec in open_clip.list_models():

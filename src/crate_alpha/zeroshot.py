@@ -17,7 +17,8 @@ import torch
 
 import crate_alpha  # noqa: F401  (registers CRATE-α in timm and open_clip)
 
-from .common import CrateAlphaError, local_dir, register_folder
+from .common import CrateAlphaError, local_dir
+from .convert.folders import TOKENIZER_FILES
 
 
 class EvalError(CrateAlphaError):
@@ -31,7 +32,10 @@ def _check_model(model: str, checkpoint: Optional[str]) -> None:
     if folder is not None:
         if not (folder / "open_clip_config.json").is_file():
             raise EvalError(f"{folder} is not an open_clip model folder (no open_clip_config.json)")
-        register_folder(folder)
+        text_cfg = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {}).get("text_cfg", {})
+        if text_cfg.get("hf_tokenizer_name") and not any((folder / f).is_file() for f in TOKENIZER_FILES[1:3]):
+            raise EvalError(f"{folder} has no tokenizer files ({text_cfg['hf_tokenizer_name']}); convert it again "
+                            "with `crate-alpha convert ... --tokenizer DIR`, or online so the Hub provides them")
     elif model not in open_clip.list_models():
         names = ", ".join(n for n in open_clip.list_models() if "crate" in n)
         raise EvalError(f"unknown model {model!r}; CRATE-α models: {names}")

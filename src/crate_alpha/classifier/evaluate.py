@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..common import local_dir, register_folder, timm_folder_config, write_json
+from ..common import local_dir, timm_folder_config, write_json
 from ..recipe import RecipeError
 from .data import check_path, eval_transform, make_loader
 
@@ -22,7 +22,6 @@ def load_for_eval(model: Optional[str], checkpoint: Optional[str], use_ema: bool
     folder = local_dir(model)
     if folder is not None:
         timm_folder_config(folder)  # says so when it is not a timm folder
-        register_folder(folder)
         m = timm.create_model(model, pretrained=True)  # timm applies the folder's config and weights
         pc = m.pretrained_cfg
         return (m, pc["input_size"][-1], pc.get("mean", IMAGENET_DEFAULT_MEAN), pc.get("std", IMAGENET_DEFAULT_STD),

@@ -7,7 +7,7 @@ from typing import Dict
 
 import torch
 
-from ..common import local_dir, read_state_dict, register_folder, timm_folder_config
+from ..common import local_dir, read_state_dict, timm_folder_config
 from ..recipe import RecipeError
 
 _log = logging.getLogger(__name__)
@@ -32,9 +32,8 @@ def read_state(source: str) -> Dict[str, torch.Tensor]:
 
 
 def timm_model_args(source: str) -> Dict:
-    """architecture + model_args of a timm ``local-dir:`` folder, the name made known to timm."""
+    """architecture + model_args of a timm ``local-dir:`` folder."""
     folder = local_dir(source)
-    register_folder(folder)
     cfg = timm_folder_config(folder)
     return {"architecture": cfg["architecture"], **cfg.get("model_args", {})}
 

@@ -241,7 +241,8 @@ def detect_layout(tree: Tree) -> str:
         + ", ".join(sorted(tree)[:8]))
 
 
-def convert_big_vision(src: str, out_dir: os.PathLike, force: bool = False) -> dict:
+def convert_big_vision(src: str, out_dir: os.PathLike, force: bool = False,
+                       tokenizer: Optional[os.PathLike] = None) -> dict:
     """Convert a big_vision ``.npz`` (``file.npz`` or ``file.npz:img``) to a model folder."""
     out_dir = Path(out_dir)
     path, sub = split_src(str(src))
@@ -262,5 +263,5 @@ def convert_big_vision(src: str, out_dir: os.PathLike, force: bool = False) -> d
         return {"layout": layout, "format": "timm", "architecture": arch, "model_args": args,
                 "out_dir": str(out_dir)}
     cfg, pp, state = convert_two_towers(tree)
-    write_open_clip_folder(out_dir, cfg, state, pp, force=force, protect=[path])
+    write_open_clip_folder(out_dir, cfg, state, pp, force=force, protect=[path], tokenizer=tokenizer)
     return {"layout": layout, "format": "open_clip", "model_cfg": cfg, "out_dir": str(out_dir)}

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ TIMM_CONFIG = "config.json"
 TIMM_WEIGHTS = "model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+# What transformers' AutoTokenizer reads from a folder; open_clip 3.3 reads the HF tokenizer
+# of a local-dir: model from that folder only (factory.get_tokenizer).
+TOKENIZER_FILES = ("tokenizer_config.json", "vocab.txt", "tokenizer.json", "special_tokens_map.json")
 
 
 class ConversionError(CrateAlphaError):
@@ -90,7 +94,7 @@ def is_replaceable(folder: Path) -> bool:
     if names == {TIMM_CONFIG, TIMM_WEIGHTS}:
         cfg = _read_json(folder / TIMM_CONFIG)
         return str(cfg.get("architecture", "")).startswith("crate_alpha_") and "pretrained_cfg" in cfg
-    if names == {OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS}:
+    if {OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS} <= names <= {OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, *TOKENIZER_FILES}:
         cfg = _read_json(folder / OPEN_CLIP_CONFIG)
         return isinstance(cfg.get("model_cfg"), dict) and "preprocess_cfg" in cfg
     return False
@@ -330,17 +334,14 @@ def load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor], what: st
 _SOURCE_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag"}
 
 
-def register_trunk(name) -> None:
-    """Make a CRATE-α timm name known to timm before a model is built by it.
-
-    Shape names (converted checkpoints of other sizes) are registered on demand, not on
-    import; other names (timm's own towers) are left to timm.
-    """
-    from ..crate_alpha import register_variant
+def check_trunk(name) -> None:
+    """Refuse an impossible CRATE-α shape name before a model is built by it (timm's own
+    names are left to timm)."""
+    from ..crate_alpha import variant_args
 
     if isinstance(name, str) and name.startswith("crate_alpha_"):
         try:
-            register_variant(name)
+            variant_args(name)
         except ValueError as e:
             raise ConversionError(str(e)) from None
 
@@ -358,7 +359,10 @@ def write_timm_folder(out_dir: os.PathLike, architecture: str, model_args: dict,
 
     import crate_alpha  # noqa: F401  (registers the architectures)
 
-    register_trunk(architecture)
+    check_trunk(architecture)
+    # A shape without a fixed name is crate_alpha_custom, its shape in model_args (which
+    # timm's local-dir: applies), so the folder loads in any process without registration.
+    architecture = architecture.partition(".")[0]
     model = timm.create_model(architecture, pretrained=False, **model_args)
     load_strict(model, state, "converted classifier")
     res = model_args["img_size"]
@@ -388,19 +392,69 @@ def write_timm_folder(out_dir: os.PathLike, architecture: str, model_args: dict,
     return Path(out_dir)
 
 
+def tokenizer_files(name: str, folder: os.PathLike | None = None) -> Dict[str, Path]:
+    """The files of the HF tokenizer ``name``: from ``folder`` when given, else through
+    huggingface_hub (its cache first; ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` honoured).
+
+    Raises ConversionError naming what is missing and what to do.
+    """
+    if folder is not None:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise ConversionError(f"--tokenizer {folder} is not a folder")
+        found = {f: folder / f for f in TOKENIZER_FILES if (folder / f).is_file()}
+        if "vocab.txt" not in found and "tokenizer.json" not in found:
+            raise ConversionError(f"--tokenizer {folder} holds neither vocab.txt nor tokenizer.json")
+        return found
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    found = {}
+    for f in TOKENIZER_FILES:
+        try:
+            found[f] = Path(hf_hub_download(name, f))
+        except EntryNotFoundError:
+            continue
+        except Exception as e:  # offline, unreachable, unknown repo: all mean "not here"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConversionError(f"the {name} tokenizer is neither in the Hugging Face cache nor downloadable "
+                                  f"({type(e).__name__}: {first}); pass --tokenizer DIR") from None
+    if "vocab.txt" not in found and "tokenizer.json" not in found:
+        raise ConversionError(f"the Hub repo {name} has no tokenizer files; pass --tokenizer DIR")
+    return found
+
+
 def write_open_clip_folder(out_dir: os.PathLike, model_cfg: dict, state: Dict[str, torch.Tensor],
-                           preprocess_cfg: dict, force: bool = False, protect=()) -> Path:
-    """A folder for ``open_clip.create_model_and_transforms("local-dir:OUT_DIR")``."""
+                           preprocess_cfg: dict, force: bool = False, protect=(), tokenizer=None) -> Path:
+    """A folder for ``open_clip.create_model_and_transforms("local-dir:OUT_DIR")``.
+
+    A model with an HF tokenizer (CLIPA: bert-base-uncased) gets that tokenizer's files
+    (``tokenizer``: a folder, or None for the Hub / its cache), so that
+    ``open_clip.get_tokenizer("local-dir:OUT_DIR")`` works. When they cannot be had, the
+    folder is written without them and one warning line says how to add them.
+    """
     import open_clip
 
     import crate_alpha  # noqa: F401  (registers the vision trunks)
 
-    register_trunk((model_cfg.get("vision_cfg") or {}).get("timm_model_name"))
+    check_trunk((model_cfg.get("vision_cfg") or {}).get("timm_model_name"))
     model = open_clip.model.CLIP(**copy.deepcopy(model_cfg))
     load_strict(model, state, "converted CLIP model")
+    files = {}
+    hf_name = (model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
+    if hf_name:
+        try:
+            files = tokenizer_files(hf_name, tokenizer)
+        except ConversionError as e:
+            if tokenizer is not None:  # asked for explicitly: a wrong folder is an error
+                raise
+            print(f"crate-alpha: warning: {out_dir} gets no tokenizer, so open_clip.get_tokenizer and zero-shot "
+                  f"cannot use it: {e}", file=sys.stderr)
     with atomic_dir(out_dir, force, protect) as tmp:
         _save_tensors(state, tmp / OPEN_CLIP_WEIGHTS)
         write_json({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, tmp / OPEN_CLIP_CONFIG)
+        for f, src in files.items():
+            shutil.copyfile(src, tmp / f)
     return Path(out_dir)
 
 
@@ -451,7 +505,7 @@ def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_di
             vision["timm_model_name"] = custom_variant_name(
                 a["embed_dim"], a["depth"], a["num_heads"], a["patch_size"], image_size)
     try:
-        register_trunk(vision.get("timm_model_name"))  # another image size is another shape name
+        check_trunk(vision.get("timm_model_name"))  # another image size is another shape name
         model = open_clip.model.CLIP(**copy.deepcopy(cfg))
     except ValueError as e:
         raise ConversionError(f"{model_name} at image size {vision.get('image_size')}: {e}") from None

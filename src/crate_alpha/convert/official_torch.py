@@ -263,7 +263,7 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
 
 def convert_official_torch(src: os.PathLike, out_dir: os.PathLike, heads: Optional[int] = None,
                            text_heads: Optional[int] = None, model: Optional[str] = None,
-                           force: bool = False) -> dict:
+                           force: bool = False, tokenizer: Optional[os.PathLike] = None) -> dict:
     """Convert an official ``.pth`` into a timm (classifier) or open_clip (CLIPA) folder."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force, protect=[src])  # before the long part, which may take minutes
@@ -275,5 +275,5 @@ def convert_official_torch(src: os.PathLike, out_dir: os.PathLike, heads: Option
         return {"layout": layout, "format": "timm", "architecture": arch, "model_args": args,
                 "out_dir": str(out_dir)}
     model_cfg, pp_cfg, state = convert_clipa(sd, heads=heads, text_heads=text_heads, model=model)
-    write_open_clip_folder(out_dir, model_cfg, state, pp_cfg, force=force, protect=[src])
+    write_open_clip_folder(out_dir, model_cfg, state, pp_cfg, force=force, protect=[src], tokenizer=tokenizer)
     return {"layout": layout, "format": "open_clip", "model_cfg": model_cfg, "out_dir": str(out_dir)}

@@ -11,11 +11,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..crate_alpha import (
     CRATE_ALPHA_SIZES,
-    _CUSTOM_NAME,
+    CUSTOM,
     _VARIANTS,
     custom_variant_name,
     list_crate_alpha_models,
-    register_variant,
     variant_args,
     variant_name,
 )
@@ -48,7 +47,7 @@ def model_heads(model: Optional[str]) -> Optional[int]:
     try:
         return variant_args(timm_name)["num_heads"]
     except ValueError as e:
-        if _CUSTOM_NAME.match(timm_name):  # a shape name, but an impossible shape: say which part
+        if timm_name.startswith(CUSTOM + "."):  # a shape name, but an impossible shape: say which part
             raise ConversionError(str(e)) from None
         raise ConversionError(
             f"unknown model name {model!r}; CRATE-α names are: {', '.join(known_model_names())}"
@@ -91,17 +90,18 @@ def resolve_text_heads(width: int, text_heads: Optional[int], model: Optional[st
 
 
 def trunk_name(width: int, depth: int, heads: int, patch: int, res: int) -> str:
-    """The fixed timm name of this shape, or else its shape name, registered in timm here.
+    """The fixed timm name of this shape, or else ``crate_alpha_custom.<shape>``.
 
-    Registered because the converters build the model by this name (timm, or open_clip's
-    timm tower) to check the converted weights before writing them.
+    timm resolves both with no registration, in any process where crate_alpha is imported
+    (which the start-up hook does when timm is): a folder naming one loads anywhere.
     """
     for size, p, r in _VARIANTS:
         if (CRATE_ALPHA_SIZES[size] == (width, depth, heads) and p == patch and r == res):
             return variant_name(size, p, r)
     name = custom_variant_name(width, depth, heads, patch, res)
     try:
-        return register_variant(name)
+        variant_args(name)  # checks the shape
+        return name
     except ValueError as e:  # an impossible shape read from the weights: say which part
         raise ConversionError(str(e)) from None
 
