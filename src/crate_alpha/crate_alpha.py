@@ -519,6 +519,14 @@ def build_variant(cls, variant: str, pretrained: bool, args: Dict[str, Any], **b
 
 
 def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
+    # The official PyTorch classifiers' head LayerNorm has torch's default eps (1e-5); a
+    # pretrained cfg cannot set a model argument, so the tag that loads one sets it here.
+    tag = kwargs.get("pretrained_cfg")
+    if not isinstance(tag, str):
+        tag = next((r.tag for r in released.RELEASES if r.model == variant), None) if pretrained else None
+    r = released.by_name(f"{variant}.{tag}") if tag else None
+    if r is not None and r.kind == "classifier":
+        kwargs.setdefault("head_norm_eps", 1e-5)
     return build_variant(CrateAlpha, variant, pretrained, {**variant_args(variant), **kwargs})
 
 
