@@ -14,7 +14,7 @@ from crate_alpha import interpret
 from crate_alpha.convert import convert_official_torch
 from crate_alpha.interpret import BlockTrace, Trace
 
-TINY = crate_alpha.register_variant("crate_alpha_w32_d2_h2_patch8_32")  # a shape name: registered on demand
+TINY = "crate_alpha_custom.w32_d2_h2_patch8_32"  # a shape name: registered on demand
 
 
 @pytest.fixture

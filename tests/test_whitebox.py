@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-import crate_alpha
 from crate_alpha import cli, interpret, segment_eval
 from crate_alpha.convert import convert_official_torch
 
@@ -132,7 +131,7 @@ def test_segment_eval_scores_a_perfect_predictor_as_perfect(photos, tmp_path, mo
             return m[:, None].repeat(1, kw.get("num_masks", 1), 1, 1) if kind == "maskcut" else m
         return run
 
-    model = crate_alpha.register_variant("crate_alpha_w32_d2_h2_patch8_32")
+    model = "crate_alpha_custom.w32_d2_h2_patch8_32"
     monkeypatch.setattr(interpret, "maskcut", fake("maskcut"))
     res = segment_eval.coco_maskcut_ap(model, photos[0], ann, num_masks=1)
     assert res["segm"]["AP"] == pytest.approx(1.0) and res["bbox"]["AP"] == pytest.approx(1.0)
@@ -143,10 +142,9 @@ def test_segment_eval_scores_a_perfect_predictor_as_perfect(photos, tmp_path, mo
 
 
 def test_whitebox_errors_are_one_line(tmp_path, capsys):
-    crate_alpha.register_variant("crate_alpha_w32_d2_h2_patch8_32")
-    assert cli.main(["diagnose", "--model", "crate_alpha_w32_d2_h2_patch8_32", "--images", str(tmp_path / "none"),
+    assert cli.main(["diagnose", "--model", "crate_alpha_custom.w32_d2_h2_patch8_32", "--images", str(tmp_path / "none"),
                      "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("crate-alpha: error:") and str(tmp_path / "none") in err and "Traceback" not in err
-    assert cli.main(["segment-eval", "--model", "crate_alpha_w32_d2_h2_patch8_32", "--out", str(tmp_path / "r")]) == 2
+    assert cli.main(["segment-eval", "--model", "crate_alpha_custom.w32_d2_h2_patch8_32", "--out", str(tmp_path / "r")]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
