@@ -1,12 +1,9 @@
 """The CRATE-α encoder as a timm model: operators, variants, timm features, registration,
 and timm's own model checks."""
-import json
 import math
 import subprocess
 import sys
-import warnings
 
-import open_clip
 import pytest
 import timm
 import torch
@@ -175,20 +172,9 @@ def test_timm_registry_is_left_as_timm_made_it():
         assert timm.models.model_entrypoint(name).__module__ == "crate_alpha.crate_alpha"
 
 
-def test_register_variant_makes_a_shape_name_known():
-    name = "crate_alpha_w24_d3_h2_patch4_16"  # a shape no other test registers
-    assert not timm.is_model(name) and name not in timm.list_models("crate_alpha_*")
-    with pytest.raises(RuntimeError, match="Unknown model"):
-        timm.create_model(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # registering twice would make timm warn about overwriting
-        assert crate_alpha.register_variant(name) == name
-        assert crate_alpha.register_variant(name) == name
-    entry = timm.models.model_entrypoint(name)
-    assert entry.__name__ == name and entry.__module__ == "crate_alpha.crate_alpha"
-    assert name in timm.list_models("crate_alpha_*") and name in timm.list_models(module="crate_alpha")
-    cfg = timm.models.get_pretrained_cfg(name)
-    assert cfg.architecture == name and cfg.input_size == (3, 16, 16) and cfg.first_conv == "patch_embed.proj"
+def test_custom_shape_name_needs_no_registration():
+    name = "crate_alpha_custom.w24_d3_h2_patch4_16"  # a shape spelled by its tag: timm resolves it as it is
+    assert timm.is_model(name)
     m = timm.create_model(name, num_classes=3).eval()
     assert isinstance(m, CrateAlpha) and m.embed_dim == 24 and len(m.blocks) == 3
     assert m.blocks[0].attn.num_heads == 2 and m.pretrained_cfg["input_size"] == (3, 16, 16)
@@ -196,80 +182,43 @@ def test_register_variant_makes_a_shape_name_known():
     feat = timm.create_model(name, features_only=True, out_indices=(0, 2)).eval()
     assert feat.feature_info.channels() == [24, 24] and feat.feature_info.reduction() == [4, 4]
     assert [f.shape for f in feat(torch.randn(2, 3, 16, 16))] == [(2, 24, 4, 4)] * 2
-
-
-def test_register_variant_known_and_foreign_names():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for name in ALL_TIMM:
-            entry = timm.models.model_entrypoint(name)
-            assert crate_alpha.register_variant(name) == name
-            assert timm.models.model_entrypoint(name) is entry  # the import-time registration stays
-    for name in ("resnet50", "vit_base_patch16_224", "crate_alpha_giant_patch14_224"):
-        with pytest.raises(ValueError, match="unknown CRATE-α model"):
-            crate_alpha.register_variant(name)
+    with pytest.raises(ValueError, match="no released weights"):
+        timm.create_model(name, pretrained=True)
     with pytest.raises(ValueError, match="width 32 is not divisible by 3 heads"):
-        crate_alpha.register_variant("crate_alpha_w32_d1_h3_patch8_32")
-    assert not timm.is_model("crate_alpha_w32_d1_h3_patch8_32") and not timm.is_model("crate_alpha_giant_patch14_224")
+        timm.create_model("crate_alpha_custom.w32_d1_h3_patch8_32")
 
 
-# A new interpreter: only the fixed names are registered there, as for any user of a folder.
+# A new interpreter: folders of other shapes load with the libraries' plain calls.
 _LOAD_IN_A_FRESH_PROCESS = """
 import sys
 import open_clip, timm, torch
-import crate_alpha
+import crate_alpha  # noqa: F401
 
 cls, clip, out = sys.argv[1:4]
-loaders = (lambda: timm.create_model("local-dir:" + cls, pretrained=True),
-           lambda: open_clip.create_model("local-dir:" + clip))
-for load in loaders:
-    try:
-        load()
-    except RuntimeError as e:
-        assert "Unknown model" in str(e), e
-    else:
-        raise AssertionError("the folder's shape name was known before register_folder_variants")
-names = crate_alpha.register_folder_variants(cls) + crate_alpha.register_folder_variants("local-dir:" + clip)
 x = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
 with torch.no_grad():
-    logits = loaders[0]().eval()(x[..., :8, :8])
-    image = loaders[1]().eval().encode_image(x)
-torch.save({"names": names, "logits": logits, "image": image}, out)
+    logits = timm.create_model("local-dir:" + cls, pretrained=True).eval()(x[..., :8, :8])
+    image = open_clip.create_model("local-dir:" + clip).eval().encode_image(x)
+torch.save({"logits": logits, "image": image}, out)
 """
 
 
-def test_register_folder_variants_in_a_fresh_process(tmp_path):
-    torch.save(ref.random_classifier_sd(width=32, depth=1, patch=4, res=8, num_classes=2), tmp_path / "c.pth")
+def test_custom_shape_folders_load_in_a_fresh_process(tmp_path):
+    sd = ref.random_classifier_sd(width=32, depth=1, patch=4, res=8, num_classes=2)
+    torch.save(sd, tmp_path / "c.pth")
     convert_official_torch(tmp_path / "c.pth", tmp_path / "cls", heads=2)
-    torch.save(ref.random_clipa_sd(width=32, depth=1, patch=4, res=16, embed=24, text_width=48, text_layers=1,
-                                   vocab=50, context=8), tmp_path / "clip.pth")
+    clip_sd = ref.random_clipa_sd(width=32, depth=1, patch=4, res=16, embed=24, text_width=48, text_layers=1,
+                                  vocab=50, context=8)
+    torch.save(clip_sd, tmp_path / "clip.pth")
     convert_official_torch(tmp_path / "clip.pth", tmp_path / "clip", heads=2, text_heads=3)
     r = subprocess.run([sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, str(tmp_path / "cls"), str(tmp_path / "clip"),
                         str(tmp_path / "out.pt")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     got = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert got["names"] == ["crate_alpha_w32_d1_h2_patch4_8", "crate_alpha_w32_d1_h2_patch4_16"]
-    # the weights that loaded there are the converted ones (here the converter registered the names)
     x = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
-    with torch.no_grad():
-        logits = timm.create_model(f"local-dir:{tmp_path / 'cls'}", pretrained=True).eval()(x[..., :8, :8])
-        image = open_clip.create_model(f"local-dir:{tmp_path / 'clip'}").eval().encode_image(x)
-    torch.testing.assert_close(got["logits"], logits)
-    torch.testing.assert_close(got["image"], image)
-
-
-def test_register_folder_variants_leaves_other_folders_alone(tmp_path):
-    assert crate_alpha.register_folder_variants(tmp_path) == []  # no config: the loader will say so
-    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet50", "pretrained_cfg": {}}))
-    assert crate_alpha.register_folder_variants(tmp_path) == []
-    (tmp_path / "config.json").write_text(json.dumps({"architecture": "crate_alpha_demo_patch8_64"}))
-    assert crate_alpha.register_folder_variants(tmp_path) == []  # registered on import already
-    (tmp_path / "config.json").write_text(json.dumps({"architecture": "crate_alpha_w64_d2_h3_patch8_32"}))
-    with pytest.raises(ValueError, match="width 64 is not divisible by 3 heads"):
-        crate_alpha.register_folder_variants(tmp_path)
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        crate_alpha.register_folder_variants(tmp_path)
+    logits, _ = ref.classifier_forward(sd, x[..., :8, :8], heads=2)
+    assert rel_err(got["logits"], logits) <= 1e-4
+    assert rel_err(got["image"], ref.clipa_image(clip_sd, x, heads=2)) <= 1e-4
 
 
 # ---- timm's own model checks (its tests/test_models.py), for every registered name ---------
