@@ -223,7 +223,7 @@ def test_custom_shape_folders_load_in_a_fresh_process(tmp_path):
 
 # ---- timm's own model checks (its tests/test_models.py), for every registered name ---------
 
-# What a timm ViT entry carries, weight locations aside (no CRATE-α weights are hosted).
+# What a timm ViT entry carries, weight locations aside (checked apart: only some names have released files).
 CFG_KEYS = ("architecture", "input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean",
             "std", "num_classes", "first_conv", "classifier", "license", "paper_ids", "paper_name", "origin_url")
 
@@ -242,7 +242,14 @@ def test_pretrained_cfg_complete(name):
     assert cfg["architecture"] == name and cfg["input_size"] == (3, res, res) and cfg["fixed_input_size"]
     assert len(cfg["mean"]) == len(cfg["std"]) == 3 and 0 < cfg["crop_pct"] <= 1
     assert timm.get_pretrained_cfg_value(name, "input_size") == cfg["input_size"]
-    assert not timm.models.is_model_pretrained(name) and not cfg.get("url") and not cfg.get("hf_hub_id")
+    # a name with released weights: its default tag is the first released file; other names have no source
+    released_files = [r.path for r in crate_alpha.released.RELEASES if r.model == name]
+    assert timm.models.is_model_pretrained(name) == bool(released_files) and not cfg.get("url")
+    if released_files:
+        assert cfg["hf_hub_id"] == crate_alpha.released.REPO and cfg["hf_hub_filename"] == released_files[0]
+        assert cfg["license"] == "apache-2.0"
+    else:
+        assert not cfg.get("hf_hub_id")
     # the full-size model (on the meta device, no memory): the cfg names its real modules and input
     m = timm.create_model(name, device="meta")
     assert m.pretrained_cfg["architecture"] == name and tuple(m.patch_embed.img_size) == cfg["input_size"][1:]

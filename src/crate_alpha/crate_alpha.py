@@ -513,9 +513,10 @@ def build_variant(cls, variant: str, pretrained: bool, args: Dict[str, Any], **b
     check_shape_args(args["embed_dim"], args["depth"], args["num_heads"], args["patch_size"], args["img_size"],
                      what=variant)
     out_indices = args.pop("out_indices", 3)
+    build_kwargs.setdefault("pretrained_filter_fn", checkpoint_filter_fn)
     return build_model_with_cfg(cls, variant, pretrained, feature_cfg=dict(out_indices=out_indices,
                                                                           feature_cls="getter"),
-                                pretrained_filter_fn=checkpoint_filter_fn, **build_kwargs, **args)
+                                **build_kwargs, **args)
 
 
 def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
