@@ -15,7 +15,8 @@ _FORCE_HELP = ("replace an existing OUT_DIR, if it is empty or a model folder wr
                "(any other files are never deleted)")
 _MODEL_HELP = ("a released model (crate_alpha_base_patch16_224.in21k_ft_in1k, crate-alpha-CLIPA-L-14; "
                "see `crate-alpha released`), hf://OWNER/REPO/PATH, a local-dir:FOLDER or folder, or a timm name")
-_SRC_HELP = "a file, or a Hub file hf://OWNER/REPO[@REVISION]/PATH (downloaded through huggingface_hub)"
+_SRC_HELP = ("a file, a released name (see `crate-alpha released`) or a Hub file hf://OWNER/REPO[@REVISION]/PATH "
+             "(downloaded through huggingface_hub)")
 _TOKENIZER_HELP = ("CLIPA: a folder of the bert-base-uncased tokenizer files to copy into OUT_DIR "
                    "(default: from the Hugging Face cache, else downloaded)")
 _COMPILE_HELP = "run the model under torch.compile (the first batches are slower while it compiles)"
@@ -43,8 +44,11 @@ def _file(spec):
 def _convert_official(a):
     from .convert import convert_official_torch
 
+    from .hub import released_model
+
+    model = a.model or (released_model(a.src) if a.heads is None else None)
     _print_json(convert_official_torch(_file(a.src), a.out_dir, heads=a.heads, text_heads=a.text_heads,
-                                       model=a.model, force=a.force, tokenizer=a.tokenizer))
+                                       model=model, force=a.force, tokenizer=a.tokenizer))
 
 
 def _convert_big_vision(a):

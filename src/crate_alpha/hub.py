@@ -73,9 +73,19 @@ def download(ref: HubFile) -> Path:
 
 
 def resolve_file(spec):
-    """A local path for ``spec``: a Hub reference is downloaded; anything else is returned as it is."""
-    ref = parse_reference(spec) if isinstance(spec, str) and spec.startswith(HF_PREFIX) else None
+    """A local path for ``spec``: a Hub reference (``hf://…``, or a released name that is not
+    a local path) is downloaded; anything else is returned as it is."""
+    if not isinstance(spec, str) or (not spec.startswith(HF_PREFIX) and os.path.exists(spec)):
+        return spec
+    ref = parse_reference(spec)
     return str(download(ref)) if ref is not None else spec
+
+
+def released_model(spec) -> Optional[str]:
+    """The model name whose head counts a released file needs (for ``convert``), else None."""
+    ref = parse_reference(spec) if isinstance(spec, str) and not os.path.exists(spec) else None
+    r = released.by_path(ref.path) if ref is not None and ref.repo == released.REPO else None
+    return (r.open_clip or r.model) if r is not None else None
 
 
 def _commit_of(local: Path, ref: HubFile) -> str:
