@@ -1,5 +1,35 @@
 """crate-alpha: CRATE-α white-box vision transformers on timm and open_clip."""
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# The start-up hook (src/_crate_alpha_autoload.py): site-packages runs this .pth line at
+# interpreter start-up, so timm and open_clip know the CRATE-α models without an import.
+AUTOLOAD_PTH = "crate_alpha_autoload.pth"
+AUTOLOAD_LINE = "import _crate_alpha_autoload\n"
+
+
+class build_py_with_autoload(build_py):
+    """build_py that also puts the start-up .pth at the top of what is installed.
+
+    A wheel installs its top level into site-packages, where .pth files are read. An
+    editable install (setuptools' editable_wheel) builds into a scratch build_lib and
+    installs only what lies in its unpacked wheel, which is the install command's
+    install_lib there, so the .pth goes there instead.
+    """
+
+    def run(self):
+        super().run()
+        target = self.get_finalized_command("install").install_lib if self.editable_mode else self.build_lib
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, AUTOLOAD_PTH), "w") as f:
+            f.write(AUTOLOAD_LINE)
+
+    def get_outputs(self, include_bytecode=True):
+        outputs = super().get_outputs(include_bytecode)
+        return outputs if self.editable_mode else outputs + [os.path.join(self.build_lib, AUTOLOAD_PTH)]
+
 
 # Ranges that both tested environments satisfy: the main one (torch 2.14.1) and the XLA one
 # (torch 2.9.0, the newest torch_xla's torch). The exact versions of each live in
@@ -39,6 +69,8 @@ setup(
     # the demos included, runs from an installed package as well as from a checkout
     package_dir={"": "src", "crate_alpha.configs": "configs"},
     packages=find_packages("src") + ["crate_alpha.configs"],
+    py_modules=["_crate_alpha_autoload"],
+    cmdclass={"build_py": build_py_with_autoload},
     package_data={"crate_alpha": ["model_configs/*.json"]},
     include_package_data=True,
     python_requires=">=3.10",
