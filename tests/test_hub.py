@@ -248,3 +248,17 @@ def test_reference_parsing(ref_name):
     else:
         assert hub.parse_reference(ref_name) == hub.HubFile(released.REPO, "torch/crate_alpha_CLIPA_L14.pth")
         assert hub.parse_reference("local-dir:/x") is None
+
+
+def test_a_head_of_another_size_is_named():
+    import timm
+
+    small = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    src = str(FIXTURES / "official_torch" / "crate_alpha_cls_shared.pth")  # a 10-class head
+    with pytest.raises(ValueError, match=r"10-class head and the model 19167 classes: pass num_classes=10"):
+        timm.create_model("crate_alpha_base_patch16_224.in21k", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=src), **small)
+    # another class count asked for: a new head on the released trunk
+    m = timm.create_model("crate_alpha_base_patch16_224.in21k", pretrained=True, num_classes=3,
+                          pretrained_cfg_overlay=dict(file=src), **small)
+    assert m.num_classes == 3

@@ -473,6 +473,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: "CrateAlpha
     if layout == "classifier":
         _, args, out = official_torch.convert_classifier(state_dict, heads=heads)
         _check_released_shape(model, args, "the checkpoint")
+        _check_head(model, args["num_classes"])
         return out
     if layout == "clipa":
         cfg, _, full = official_torch.convert_clipa(state_dict, heads=heads)
@@ -481,6 +482,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: "CrateAlpha
         out["head.weight"], out["head.bias"] = proj, proj.new_zeros(proj.shape[0])
         return out
     return state_dict
+
+
+def _check_head(model: "CrateAlpha", file_classes: int) -> None:
+    # timm drops a checkpoint's head only when num_classes differs from the pretrained cfg's;
+    # a file whose head differs from the cfg would otherwise fail in load_state_dict.
+    cfg_classes = getattr(model, "pretrained_cfg", {}).get("num_classes")
+    if file_classes != model.num_classes and model.num_classes == cfg_classes:
+        raise ValueError(f"the checkpoint has a {file_classes}-class head and the model {model.num_classes} classes: "
+                         f"pass num_classes={file_classes} to keep it, or another num_classes for a new head")
 
 
 def _released_cfg(r: released.Release) -> Dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional
 REPO = "UCSC-VLAA/CRATE-alpha"
 # The release's model card (huggingface.co/UCSC-VLAA/CRATE-alpha) states apache-2.0.
 LICENSE = "apache-2.0"
-IN21K_CLASSES = 21843  # big_vision's imagenet21k label set, which the official JAX code trains on
+# the official pre-training config (configs/crate/classification/pre_training_in21k.py): ImageNet-21K
+IN21K_CLASSES = 19167
 
 
 class Release(NamedTuple):
