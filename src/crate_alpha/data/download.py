@@ -16,11 +16,17 @@ pool (DataComp-1B's metadata is ~1.4 billion rows).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
+import importlib
+import multiprocessing
+import numbers
 import operator
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -33,6 +39,10 @@ from PIL import Image
 from . import storage
 from .ownership import DataError, check_may_write, claim, clear_owned
 from .sample_checks import checked_img2dataset
+
+# img2dataset's package namespace shadows its module names with functions; take the modules
+_i2d_main = importlib.import_module("img2dataset.main")
+_i2d_distributor = importlib.import_module("img2dataset.distributor")
 
 # Columns img2dataset fills itself (it measures sizes and hashes the bytes it fetched).
 RESERVED_COLUMNS = {"key", "url", "caption", "width", "height", "original_width", "original_height", "status",
@@ -52,6 +62,10 @@ BINDING_SETTINGS = ("metadata", "filters", "url_col", "caption_col", "hash_col",
 # parquet per metadata file. Runs before this layout concatenated all files into one.
 METADATA_LAYOUT = "one filtered parquet per metadata file"
 DISTRIBUTORS = ("multiprocessing", "pyspark")
+RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")  # img2dataset's ResizeMode
+# fsspec file systems img2dataset's worker processes cannot write to, and why
+UNWRITABLE = {"memory": "a memory:// folder exists only in this process, out of reach of img2dataset's workers",
+              "http": "http(s) is read-only", "https": "http(s) is read-only"}
 FILTER_BATCH_ROWS = 1 << 16
 
 
@@ -87,15 +101,38 @@ def _metadata_files(inputs: Sequence[storage.Where]) -> List[str]:
     return files
 
 
-def _keep(batch: pa.RecordBatch, filters, caption_col: str, hash_col: Optional[str]):
-    """(rows kept, rows without a caption) of one record batch."""
+def _schema(files: Sequence[str], url_col: str, caption_col: str, parsed, filters, hash_col: Optional[str]):
+    """The union of the metadata files' columns (a column's first type wins), read from the footers.
+
+    Every filtered file is given all of them (nulls where a file lacks one), so img2dataset
+    reads the same columns from each; the hash column is always there and a string, so each
+    row is verified when it has a digest, whichever file it comes from (a null is not checked).
+    """
+    fields = {}
+    for name in files:
+        with storage.open_read(name) as f:
+            schema = pq.ParquetFile(f).schema_arrow
+        for col in (url_col, caption_col):
+            if col not in schema.names:
+                raise DataError(f"metadata {name} has no {col!r} column; columns are: {', '.join(schema.names)}")
+        for (col, _, _), expr in zip(parsed, filters):
+            if col not in schema.names:
+                raise DataError(f"filter {expr!r}: no column {col!r} in {name}; columns are: {', '.join(schema.names)}")
+        for field in schema:
+            fields.setdefault(field.name, field)
+    if hash_col:
+        # an all-null column is typed null, and img2dataset writes the computed digest into it
+        fields[hash_col] = pa.field(hash_col, pa.string())
+    return pa.schema(list(fields.values()))
+
+
+def _keep(batch: pa.RecordBatch, filters, caption_col: str, schema: pa.Schema):
+    """(rows kept, rows without a caption) of one record batch, with the columns of ``schema``."""
     import pyarrow.compute as pc
 
     table = pa.Table.from_batches([batch])
-    if hash_col and hash_col in table.column_names:
-        # an all-null column is typed null, and img2dataset writes the computed digest into it
-        i = table.column_names.index(hash_col)
-        table = table.set_column(i, hash_col, pc.cast(table[hash_col], pa.string()))
+    table = pa.table([pc.cast(table[f.name], f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+                      for f in schema], schema=schema)
     # One caption policy with ``verify``: a sample needs a non-blank caption, so rows without
     # one are dropped here (and counted) rather than fetched and flagged later.
     has_caption = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(
@@ -116,40 +153,31 @@ def filter_metadata(inputs: Sequence[storage.Where], out_dir: storage.Where, fil
     Each file is streamed in record batches, so memory stays at one batch whatever the pool size.
     """
     files = _metadata_files(inputs)
+    filters = list(filters)
     parsed = [parse_filter(expr) for expr in filters]
+    schema = _schema(files, url_col, caption_col, parsed, filters, hash_col)
     n_in = kept = no_caption = 0
-    columns: List[str] = []
     storage.remove(out_dir)  # ours (inside the pipeline folder); rewritten whole on every run
     storage.makedirs(out_dir)
     for n, name in enumerate(files):
         with storage.open_read(name) as f:
             pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            for col in (url_col, caption_col):
-                if col not in names:
-                    raise DataError(f"metadata {name} has no {col!r} column; columns are: {', '.join(names)}")
-            for (col, _, _), expr in zip(parsed, filters):
-                if col not in names:
-                    raise DataError(f"filter {expr!r}: no column {col!r}; columns are: {', '.join(names)}")
 
-            def write(out, pf=pf):
-                nonlocal n_in, kept, no_caption, columns
-                writer = None
-                for batch in pf.iter_batches(batch_size=FILTER_BATCH_ROWS):
-                    table, dropped = _keep(batch, parsed, caption_col, hash_col)
-                    n_in, kept, no_caption = n_in + batch.num_rows, kept + table.num_rows, no_caption + dropped
-                    writer = writer or pq.ParquetWriter(out, table.schema)
-                    writer.write_table(table)
-                if writer is None:  # a file without rows
-                    schema = pf.schema_arrow
-                    if hash_col and hash_col in schema.names:
-                        schema = schema.set(schema.get_field_index(hash_col), pa.field(hash_col, pa.string()))
-                    writer = pq.ParquetWriter(out, schema)
-                columns = writer.schema.names
-                writer.close()
+            # the file's own types where it has the column (files may differ), the union's elsewhere
+            own = pf.schema_arrow
+            file_schema = pa.schema([own.field(f.name) if f.name in own.names and f.name != hash_col else f
+                                     for f in schema])
+
+            def write(out, pf=pf, file_schema=file_schema):
+                nonlocal n_in, kept, no_caption
+                with pq.ParquetWriter(out, file_schema) as writer:
+                    for batch in pf.iter_batches(batch_size=FILTER_BATCH_ROWS):
+                        table, dropped = _keep(batch, parsed, caption_col, file_schema)
+                        n_in, kept, no_caption = n_in + batch.num_rows, kept + table.num_rows, no_caption + dropped
+                        writer.write_table(table)
 
             storage.write_with(storage.join(out_dir, f"{n:05d}.parquet"), write)
-    return {"rows_in": n_in, "rows_kept": kept, "no_caption": no_caption, "columns": columns, "files": len(files)}
+    return {"rows_in": n_in, "rows_kept": kept, "no_caption": no_caption, "columns": schema.names, "files": len(files)}
 
 
 def _reason(message: str) -> str:
@@ -186,9 +214,8 @@ def summarize(output_dir: storage.Where) -> dict:
     for msg, n in raw.items():
         if msg != "success":
             reasons[_reason(msg)] += n
-    start = min(s["start_time"] for s in stats)
-    end = max(s["end_time"] for s in stats)
     successes = sum(s["successes"] for s in stats)
+    busy = _busy_seconds([(s["start_time"], s["end_time"]) for s in stats])
     return {
         "shards": len(stats),
         "count": sum(s["count"] for s in stats),
@@ -197,9 +224,22 @@ def summarize(output_dir: storage.Where) -> dict:
         "failed_to_resize": sum(s["failed_to_resize"] for s in stats),
         "failures_by_reason": dict(reasons.most_common()),
         "raw_status": dict(raw.most_common()),
-        "wall_seconds": end - start,
-        "images_per_second": successes / max(end - start, 1e-9),
+        "wall_seconds": busy,
+        "images_per_second": successes / max(busy, 1e-9),
     }
+
+
+def _busy_seconds(spans) -> float:
+    """Seconds in which some shard was downloading: the union of the shards' (start, end) spans.
+
+    Parallel shards overlap and count once; the gap between a killed run and its resume,
+    when no shard ran, does not count at all.
+    """
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        total += max(b - max(a, end), 0.0)
+        end = max(end, b)
+    return total
 
 
 def format_summary(s: dict) -> str:
@@ -243,15 +283,20 @@ def download(
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over the network
     from img2dataset import download as img2dataset_download
 
-    if distributor not in DISTRIBUTORS:
-        raise DataError(f"unknown distributor {distributor!r}; use one of {', '.join(DISTRIBUTORS)}")
+    # Everything is checked before the folder is claimed or settings are recorded, so a
+    # refused run leaves nothing that would block its corrected rerun.
     output_dir = str(output_dir)
-    storage.location(output_dir)  # a missing fsspec back-end is reported before any work
-    for expr in filters:  # a bad filter is reported before the metadata is hashed
-        parse_filter(expr)
+    _check_output(output_dir)
+    _check_settings(distributor=distributor, resize_mode=resize_mode, image_size=image_size,
+                    samples_per_shard=samples_per_shard, processes=processes, threads=threads, retries=retries,
+                    subjob_size=subjob_size, timeout=timeout, encode_quality=encode_quality,
+                    max_image_area=max_image_area)
+    filters = list(filters)
+    files = _metadata_files(metadata)
+    _schema(files, url_col, caption_col, [parse_filter(expr) for expr in filters], filters, hash_col)
     settings = {
-        "metadata": [_file_record(f) for f in _metadata_files(metadata)],
-        "filters": list(filters), "url_col": url_col, "caption_col": caption_col, "hash_col": hash_col or None,
+        "metadata": [_file_record(f) for f in files],
+        "filters": filters, "url_col": url_col, "caption_col": caption_col, "hash_col": hash_col or None,
         "image_size": image_size, "resize_mode": resize_mode, "samples_per_shard": samples_per_shard,
         "encode_quality": encode_quality, "max_image_area": max_image_area, "metadata_layout": METADATA_LAYOUT,
     }
@@ -264,19 +309,19 @@ def download(
     _check_no_stray_json(output_dir)
     claim(output_dir, SHARDS_KIND)
     storage.makedirs(work)
-    if not storage.exists(storage.join(work, SETTINGS)):
-        storage.write_json(settings, storage.join(work, SETTINGS))
     rows = storage.join(work, "metadata")
-    info = filter_metadata(metadata, rows, filters, url_col, caption_col, hash_col)
+    info = filter_metadata(files, rows, filters, url_col, caption_col, hash_col)
     if info["rows_kept"] == 0:
-        raise DataError(f"no metadata rows left after filters {list(filters)} and the caption policy "
+        raise DataError(f"no metadata rows left after filters {filters} and the caption policy "
                         f"(of {info['rows_in']}; {info['no_caption']} had no caption)")
+    if not storage.exists(storage.join(work, SETTINGS)):  # recorded before the first shard is written
+        storage.write_json(settings, storage.join(work, SETTINGS))
     columns = info["columns"]
-    verify = [hash_col, "sha256"] if hash_col and hash_col in columns else None
+    verify = [hash_col, "sha256"] if hash_col else None  # every filtered file has the column (_schema)
     extra = [c for c in columns if c not in (url_col, caption_col, hash_col) and c not in RESERVED_COLUMNS]
     spark = _spark_session(processes) if distributor == "pyspark" else None
     try:
-        with checked_img2dataset():
+        with checked_img2dataset(), _children_die_with_driver():
             img2dataset_download(
                 url_list=rows,
                 input_format="parquet",
@@ -309,10 +354,84 @@ def download(
     summary = summarize(output_dir)
     if info["no_caption"]:
         summary["failures_by_reason"] = {NO_CAPTION: info["no_caption"], **summary["failures_by_reason"]}
-    summary.update(rows_in=info["rows_in"], rows_kept=info["rows_kept"], filters=list(filters),
+    summary.update(rows_in=info["rows_in"], rows_kept=info["rows_kept"], filters=filters,
                    distributor=distributor)
     storage.write_json(summary, storage.join(work, "summary.json"))
     return summary
+
+
+def _check_output(output_dir: str) -> None:
+    fs, _ = storage.location(output_dir)  # a missing fsspec back-end is reported before any work
+    protocols = [fs.protocol] if isinstance(fs.protocol, str) else list(fs.protocol)
+    for p in protocols:
+        if p in UNWRITABLE:
+            raise DataError(f"cannot download into {output_dir}: {UNWRITABLE[p]}; give a local folder or a store "
+                            "every worker can write to (s3://, gs://, hdfs://)")
+
+
+def _check_settings(distributor: str, resize_mode: str, timeout, encode_quality, max_image_area, **counts) -> None:
+    """One line naming the first impossible setting (img2dataset would fail late, or silently store junk)."""
+    if distributor not in DISTRIBUTORS:
+        raise DataError(f"unknown distributor {distributor!r}; use one of {', '.join(DISTRIBUTORS)}")
+    if resize_mode not in RESIZE_MODES:
+        raise DataError(f"unknown resize mode {resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
+    for name, value in counts.items():
+        least = 0 if name == "retries" else 1
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise DataError(f"{name} (--{name.replace('_', '-')}) is {value!r}; it must be a whole number "
+                            f"of at least {least}")
+    for name, value in (("timeout", timeout), ("max_image_area", max_image_area)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+            raise DataError(f"{name} (--{name.replace('_', '-')}) is {value!r}; it must be a number above 0")
+    if isinstance(encode_quality, bool) or not isinstance(encode_quality, numbers.Integral) \
+            or not 0 <= encode_quality <= 100:
+        raise DataError(f"encode_quality is {encode_quality!r}; it must be a whole number from 0 to 100 (JPEG quality)")
+
+
+def _die_with(driver: int) -> None:
+    """In a child img2dataset spawned: be killed when the driver dies, even by kill -9 (Linux only).
+
+    Without it img2dataset's logger polls for shard statistics forever, pool workers wait on
+    a task pipe they hold both ends of, and multiprocessing's resource tracker waits on them.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: such children outlive a killed driver
+        return
+    prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != driver:  # the driver died before prctl: no signal will come
+        os._exit(1)
+
+
+class _LoggerDyingWithDriver(_i2d_main.LoggerProcess):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.driver = os.getpid()
+
+    def run(self):
+        _die_with(self.driver)
+        super().run()
+
+
+class _ContextDyingWithDriver:
+    """img2dataset's multiprocessing context, its pool workers set to die with the driver."""
+
+    def __init__(self, method):
+        self.context = multiprocessing.get_context(method)
+
+    def Pool(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
+        return self.context.Pool(*args, initializer=_die_with, initargs=(os.getpid(),), **kwargs)
+
+
+@contextlib.contextmanager
+def _children_die_with_driver():
+    """For this block, the processes img2dataset spawns die with this one (Spark's JVM does already)."""
+    saved = _i2d_main.LoggerProcess, _i2d_distributor.get_context
+    _i2d_main.LoggerProcess, _i2d_distributor.get_context = _LoggerDyingWithDriver, _ContextDyingWithDriver
+    try:
+        yield
+    finally:
+        _i2d_main.LoggerProcess, _i2d_distributor.get_context = saved
 
 
 def check_java() -> str:
