@@ -23,7 +23,9 @@ from typing import Any, Dict, List
 import torch
 
 from .common import check_shards, count_samples, read_state_dict, save_checkpoint, write_json
-from .recipe import RecipeError, check_resume_compatible, load_recipe
+from . import run_folder
+from .recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RecipeError, check_resume_compatible,
+                     check_values, load_recipe)
 
 # Keys that are open_clip_train flags, passed on under their own names (``wd`` -> ``--wd``);
 # ``epochs`` too is its flag's name, passed on after the schedule has resolved it.
@@ -86,15 +88,26 @@ DEFAULTS: Dict[str, Any] = {
 RENAMED = {"weight_decay": "wd", "grad_clip": "grad_clip_norm", "save_every_epochs": "save_frequency",
            "output": "logs", "image_size": "force_image_size", "context_length": "force_context_length"}
 
-# Changing these between a run and its resumption would silently mix two experiments.
-SCHEDULE_KEYS = ("model", "force_image_size", "epochs", "samples_seen", "global_batch", "lr_per_256",
-                 "warmup_steps", "train_num_samples")
+# What may change when a run is resumed: how it runs, not what it computes. Any other key
+# changed between a run and its resumption would silently mix two experiments (refused).
+RESUMABLE_CHANGES = ("workers", "prefetch_factor", "log_every_n_steps", "report_to", "device", "dist_backend",
+                     "torchcompile", "grad_checkpointing", "fast_decode", "local_loss", "gather_with_grad",
+                     "accum_freq", "fsdp", "save_frequency", "logs", "name")
+
+VALUES = {"global_batch": POSITIVE_INT, "reference_batch": POSITIVE_INT, "samples_seen": POSITIVE,
+          "epochs": POSITIVE_INT, "lr_per_256": POSITIVE, "warmup_steps": NON_NEGATIVE, "accum_freq": POSITIVE_INT,
+          "train_num_samples": POSITIVE_INT, "workers": COUNT, "save_frequency": COUNT,
+          "log_every_n_steps": POSITIVE_INT, "force_image_size": POSITIVE_INT, "wd": NON_NEGATIVE,
+          "beta1": FRACTION, "beta2": FRACTION, "eps": POSITIVE, "grad_clip_norm": POSITIVE, "seed": COUNT,
+          "prefetch_factor": POSITIVE_INT}
+OPTIONAL = ("epochs", "train_num_samples", "grad_clip_norm", "prefetch_factor")
 
 
 def load(recipe: str | None, overrides=()) -> Dict[str, Any]:
     cfg = load_recipe(recipe, overrides, DEFAULTS, "name", RENAMED)
     if cfg["pos_embed_init"] not in ("resample", "sincos"):
         raise RecipeError(f"pos_embed_init must be 'resample' or 'sincos', got {cfg['pos_embed_init']!r}")
+    check_values(cfg, VALUES, OPTIONAL)
     return cfg
 
 
@@ -105,7 +118,7 @@ def schedule(cfg: Dict[str, Any], world_size: int, train_num_samples: int) -> Di
     if gb % per:
         raise RecipeError(f"global_batch {gb} is not divisible by processes x accum_freq = {per}")
     warmup = int(round(cfg["warmup_steps"] * cfg["reference_batch"] / gb))
-    epochs = int(cfg["epochs"]) if cfg["epochs"] else max(1, math.ceil(cfg["samples_seen"] / train_num_samples))
+    epochs = int(cfg["epochs"]) if cfg["epochs"] is not None else math.ceil(cfg["samples_seen"] / train_num_samples)
     return {"batch_size": gb // per, "lr": cfg["lr_per_256"] * gb / 256, "warmup": warmup, "epochs": epochs}
 
 
@@ -210,13 +223,48 @@ def run(recipe: str | None, overrides=(), dry_run: bool = False) -> dict:
     world = _world_size(cfg)
     sched = schedule(cfg, world, n)
     run_dir = Path(cfg["logs"]) / cfg["name"]
-    resuming = checkpoint_path(cfg["logs"], cfg["name"]).exists()
-    if resuming and (run_dir / "recipe.json").is_file():
+    if dry_run:
+        run_folder.check(run_dir, run_folder.CLIP_RUN)
+        _resuming(cfg, run_dir, n)
+        return _plan(cfg, sched, n, world, run_dir, None)
+    if _rank() != 0:
+        return _train(cfg, sched, n, world, run_dir)
+    run_folder.claim(run_dir, run_folder.CLIP_RUN)
+    with run_folder.locked(run_dir):
+        return _train(cfg, sched, n, world, run_dir)
+
+
+def _resuming(cfg: dict, run_dir: Path, n: int) -> bool:
+    """Whether ``run_dir`` holds a run to resume; refuses one whose recipe differs in a key that matters."""
+    if not checkpoint_path(cfg["logs"], cfg["name"]).exists():
+        return False
+    if (run_dir / "recipe.json").is_file():
         saved = json.loads((run_dir / "recipe.json").read_text())["recipe"]
-        check_resume_compatible(saved, dict(cfg, train_num_samples=cfg["train_num_samples"] or n), run_dir,
-                                SCHEDULE_KEYS)
+        keys = [k for k in cfg if k not in RESUMABLE_CHANGES]
+        check_resume_compatible(saved, dict(cfg, train_num_samples=cfg["train_num_samples"] or n), run_dir, keys)
+    return True
+
+
+def _plan(cfg: dict, sched: dict, n: int, world: int, run_dir: Path, init) -> dict:
+    args = open_clip_args(cfg, sched, n, init)
+    return {"recipe": dict(cfg, train_num_samples=n), "schedule": sched, "train_num_samples": n, "world_size": world,
+            "open_clip_train_args": args}
+
+
+def _keep_segment_records(run_dir: Path, info: dict) -> None:
+    """A resumed run keeps the first run's recipe.json and params.txt; each resumption is a row of segments.jsonl."""
+    params = run_dir / "params.txt"  # open_clip_train rewrites it at every start
+    if params.is_file():
+        k = 1 + len(list(run_dir.glob("params.*.txt")))
+        os.replace(params, run_dir / f"params.{k}.txt")
+    with open(run_dir / "segments.jsonl", "a") as f:
+        f.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S"), **info}, default=str) + "\n")
+
+
+def _train(cfg: dict, sched: dict, n: int, world: int, run_dir: Path) -> dict:
+    resuming = _resuming(cfg, run_dir, n)
     init = None
-    if (cfg["init_from"] or cfg["text_init"]) and not resuming and not dry_run:
+    if (cfg["init_from"] or cfg["text_init"]) and not resuming:
         init_path = run_dir / "init.pt"
         if _rank() == 0:
             init = prepare_init(cfg, run_dir)
@@ -227,13 +275,13 @@ def run(recipe: str | None, overrides=(), dry_run: bool = False) -> dict:
                     raise RecipeError(f"rank 0 did not write {init_path} within an hour")
                 time.sleep(0.5)
             init = str(init_path)
-    args = open_clip_args(cfg, sched, n, init)
-    info = {"recipe": dict(cfg, train_num_samples=n), "schedule": sched, "train_num_samples": n, "world_size": world,
-            "open_clip_train_args": args}
-    if dry_run:
-        return info
+    info = _plan(cfg, sched, n, world, run_dir, init)
+    args = info["open_clip_train_args"]
     if _rank() == 0:
-        write_json(info, run_dir / "recipe.json")
+        if resuming and (run_dir / "recipe.json").is_file():
+            _keep_segment_records(run_dir, info)
+        else:
+            write_json(info, run_dir / "recipe.json")
 
     t0 = time.time()
     if device_of(cfg) == "xla":

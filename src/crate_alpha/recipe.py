@@ -16,6 +16,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import json
+import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -53,20 +55,43 @@ def resolve(spec: str) -> Tuple[Path, Optional[str]]:
 
 
 def _read(path: Path, arg: Optional[str]) -> Dict[str, Any]:
-    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    get_config = getattr(mod, "get_config", None)
-    if get_config is None:
-        raise RecipeError(f"recipe {path} defines no get_config()")
-    if not inspect.signature(get_config).parameters:
-        if arg:
-            raise RecipeError(f"recipe {path} has no variants (its get_config() takes no argument), got :{arg}")
-        return dict(get_config())
+    # A recipe is Python and runs here, as big_vision's do: its own failures are named with
+    # the recipe and its line, and a recipe that exits would otherwise end the run silently.
     try:
-        return dict(get_config(arg))
-    except ValueError as e:  # the recipe's own word on an unknown variant
-        raise RecipeError(f"recipe {path}: {e}") from None
+        spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        get_config = getattr(mod, "get_config", None)
+        if get_config is None:
+            raise RecipeError(f"recipe {path} defines no get_config()")
+        if not inspect.signature(get_config).parameters:
+            if arg:
+                raise RecipeError(f"recipe {path} has no variants (its get_config() takes no argument), got :{arg}")
+            values = get_config()
+        else:
+            try:
+                values = get_config(arg)
+            except ValueError as e:  # the recipe's own word on an unknown variant
+                raise RecipeError(f"recipe {path}: {e}") from None
+    except RecipeError:
+        raise
+    except SystemExit as e:
+        raise RecipeError(f"recipe {path} called sys.exit({e.code!r}) while loading; a recipe only returns its "
+                          "dict from get_config()") from None
+    except Exception as e:  # noqa: BLE001 - the recipe's own error, named with its line
+        raise RecipeError(f"recipe {path} failed while loading{_line_in(e, path)}: {type(e).__name__}: {e}") from None
+    if not isinstance(values, dict):
+        raise RecipeError(f"recipe {path} get_config() returned a {type(values).__name__}, not a dict of keys")
+    return dict(values)
+
+
+def _line_in(error: BaseException, path: Path) -> str:
+    import traceback
+
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if Path(f.filename) == path]
+    if isinstance(error, SyntaxError) and error.lineno:
+        lines.append(error.lineno)
+    return f" (line {lines[-1]})" if lines else ""
 
 
 def check_keys(keys: Iterable[str], where: str, defaults: Dict[str, Any], renamed: Dict[str, str]) -> None:
@@ -118,10 +143,45 @@ def load_recipe(spec: Optional[str], overrides: Iterable[str], defaults: Dict[st
     return cfg
 
 
+# ---- value checks: a typo in a number fails before anything is built ----------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+POSITIVE_INT = ("a whole number >= 1", lambda v: _is_int(v) and v >= 1)
+COUNT = ("a whole number >= 0", lambda v: _is_int(v) and v >= 0)
+POSITIVE = ("a finite number > 0", lambda v: _is_num(v) and v > 0)
+NON_NEGATIVE = ("a finite number >= 0", lambda v: _is_num(v) and v >= 0)
+FRACTION = ("a number in [0, 1)", lambda v: _is_num(v) and 0 <= v < 1)
+PROBABILITY = ("a number in [0, 1]", lambda v: _is_num(v) and 0 <= v <= 1)
+
+
+def check_values(cfg: Dict[str, Any], rules: Dict[str, tuple], optional: Iterable[str] = ()) -> None:
+    """Each key of ``rules`` is ``(what it must be, test)``; keys in ``optional`` may also be None."""
+    optional = set(optional)
+    for key, (what, ok) in rules.items():
+        value = cfg.get(key)
+        if value is None and key in optional:
+            continue
+        if not ok(value):
+            none = " (or None)" if key in optional else ""
+            raise RecipeError(f"{key} must be {what}{none}, got {value!r}")
+
+
+def _plain(value):
+    # a recipe value as its JSON record has it: tuples are lists there
+    return json.loads(json.dumps(value, default=str))
+
+
 def check_resume_compatible(saved: Dict[str, Any], cfg: Dict[str, Any], where, keys: Iterable[str]) -> None:
     """Changing ``keys`` between a run and its resumption would silently mix two experiments."""
     diff = [f"{k} {saved.get(k)!r} -> {cfg.get(k)!r}" for k in keys
-            if k in cfg and k in saved and saved.get(k) != cfg.get(k)]
+            if k in cfg and k in saved and _plain(saved.get(k)) != _plain(cfg.get(k))]
     if diff:
         raise RecipeError(f"{where} holds a run of another recipe ({'; '.join(diff)}); resume it with the same "
-                          "values, or start a new run (another name or delete the folder)")
+                          "values, or start a new run (another name, or move that folder away)")

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
+from . import run_folder
 from .common import CrateAlphaError, model_folder, write_json
 from .visualize import save_png
 
@@ -64,13 +65,13 @@ def prepare(images: Sequence, size: int, mean, std) -> Tuple[torch.Tensor, torch
 
 def read_images(source: os.PathLike, limit: int) -> Iterator[Tuple[str, "object"]]:
     """(name, PIL image) from image files, a folder of them, or webdataset shards (.tar files or a folder)."""
-    from PIL import Image
-
     src = Path(source)
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + (".tar",))
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + (".tar",) and p.is_file())
     elif src.is_file():
         files = [src]
+    elif src.exists():  # a FIFO or a device would block the read
+        raise WhiteboxError(f"{source} is not a regular file; give image files, folders or webdataset .tar shards")
     else:
         raise WhiteboxError(f"{source} does not exist; give image files, a folder of images or webdataset shards")
     n = 0
@@ -78,21 +79,53 @@ def read_images(source: os.PathLike, limit: int) -> Iterator[Tuple[str, "object"
         if n >= limit:
             return
         if f.suffix.lower() == ".tar":
-            with tarfile.open(f) as tar:
-                for m in tar:
-                    if n >= limit:
-                        return
-                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
-                        yield f"{f.name}:{m.name}", Image.open(io.BytesIO(tar.extractfile(m).read()))
-                        n += 1
+            for name, data in _tar_images(f):
+                if n >= limit:
+                    return
+                yield f"{f.name}:{name}", _open_image(io.BytesIO(data), f"{f}:{name}")
+                n += 1
         else:
-            try:
-                im = Image.open(f)
-                im.load()
-            except Exception as e:  # noqa: BLE001 - any unreadable file is named, not fatal
-                raise WhiteboxError(f"{f} is not a readable image ({type(e).__name__}: {e})") from None
-            yield str(f), im
+            yield str(f), _open_image(f, str(f))
             n += 1
+
+
+def _open_image(source, name: str):
+    from PIL import Image
+
+    try:
+        im = Image.open(source)
+        im.load()
+    except Exception as e:  # noqa: BLE001 - any unreadable file is named, not fatal
+        raise WhiteboxError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+    return im
+
+
+def _tar_images(path: Path) -> Iterator[Tuple[str, bytes]]:
+    """(member name, bytes) of the images in a tar shard, read by the training loader's reader."""
+    from .data.tarstream import tar_members
+
+    if not path.is_file():
+        raise WhiteboxError(f"{path} is not a regular file; give image files, folders or webdataset .tar shards")
+    try:
+        with open(path, "rb") as stream:
+            for name, data in tar_members(stream):
+                if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                    yield name, data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise WhiteboxError(f"{path} is not a readable tar shard ({type(e).__name__}: {e}); "
+                            "check it with `crate-alpha data verify`") from None
+
+
+def _input_size(model, enc, size) -> int:
+    """``size``, or the model's own; a size that is not a positive multiple of the patch is refused."""
+    native = normalisation(model, enc)[2]
+    if size is None:
+        return native
+    patch = int(enc.patch_embed.patch_size[0])
+    if size < patch or size % patch:
+        raise WhiteboxError(f"--size {size} is not a positive multiple of the model's patch size {patch} "
+                            f"(its own size is {native})")
+    return size
 
 
 def batches(items: Iterable, size: int) -> Iterator[list]:
@@ -126,15 +159,16 @@ def explain(images: Sequence[os.PathLike], model, out_dir: os.PathLike, num_mask
 
     from . import interpret
 
+    run_folder.check(out_dir, run_folder.EXPLAIN)
     enc = interpret.encoder(model)
-    mean, std, native = normalisation(model, enc)
-    size = size or native
-    out = Path(out_dir)
+    size = _input_size(model, enc, size)
+    mean, std, _ = normalisation(model, enc)
     pics = []
     for item in images:
         pics += list(read_images(item, limit=10 ** 6))
     if not pics:
         raise WhiteboxError(f"no images found in {', '.join(map(str, images))}")
+    out = run_folder.claim(out_dir, run_folder.EXPLAIN)
     written = []
     summary = []
     for batch in batches(pics, 8):
@@ -173,9 +207,12 @@ def diagnose(model, source: os.PathLike, out_dir: os.PathLike, max_images: int =
     """Per-layer coding rate, sparsity and reconstruction error over ``source``: JSON + PNG."""
     from . import interpret
 
+    run_folder.check(out_dir, run_folder.DIAGNOSE)
+    if max_images < 1:
+        raise WhiteboxError(f"--max-images must be at least 1, got {max_images}")
     enc = interpret.encoder(model)
-    mean, std, native = normalisation(model, enc)
-    size = size or native
+    size = _input_size(model, enc, size)
+    mean, std, _ = normalisation(model, enc)
     totals, n = None, 0
     for batch in batches(read_images(source, max_images), batch_size):
         x, _ = prepare([im for _, im in batch], size, mean, std)
@@ -192,7 +229,7 @@ def diagnose(model, source: os.PathLike, out_dir: os.PathLike, max_images: int =
     if not n:
         raise WhiteboxError(f"no images found in {source}")
     layers = [{k: (v / n if k != "layer" and v is not None else v) for k, v in t.items()} for t in totals]
-    out = Path(out_dir)
+    out = run_folder.claim(out_dir, run_folder.DIAGNOSE)
     result = {"model": str(model) if isinstance(model, str) else type(model).__name__, "images": n,
               "image_size": size, "layers": layers}
     write_json(result, out / "diagnostics.json")

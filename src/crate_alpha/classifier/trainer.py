@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 from .. import xla as xla_rt
 from ..common import save_checkpoint, write_json
-from ..recipe import RecipeError, check_resume_compatible, load_recipe
+from .. import run_folder
+from ..recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, RecipeError,
+                      check_resume_compatible, check_values, load_recipe)
 from ..visualize import plot_panels
 from .data import check_path, eval_transform, make_loader, num_classes_of
 from .init import load_encoder, timm_model_args
@@ -97,12 +99,25 @@ RENAMED = {"image_size": "img_size", "crop_scale": "scale", "crop_ratio": "ratio
            "beta1": "opt_betas", "beta2": "opt_betas", "lr_per_256": "lr_base", "init_from": "initial_checkpoint",
            "name": "experiment", "log_every_n_steps": "log_interval", "precision": "amp"}
 
-# Changing these between a run and its resumption would silently mix two experiments.
-SCHEDULE_KEYS = ("model", "img_size", "epochs", "global_batch", "lr_base", "warmup_epochs", "train_num_samples")
+# What may change when a run is resumed: how it runs, not what it computes. Any other key
+# changed between a run and its resumption would silently mix two experiments (refused).
+RESUMABLE_CHANGES = ("workers", "prefetch_factor", "log_interval", "device", "fsdp", "torchcompile", "output",
+                     "experiment")
+
+VALUES = {"num_classes": POSITIVE_INT, "img_size": POSITIVE_INT, "drop_path": FRACTION,
+          "train_num_samples": POSITIVE_INT, "workers": COUNT, "prefetch_factor": POSITIVE_INT,
+          "epochs": POSITIVE_INT, "global_batch": POSITIVE_INT, "lr_base": POSITIVE, "min_lr": NON_NEGATIVE,
+          "warmup_epochs": NON_NEGATIVE, "warmup_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+          "clip_grad": NON_NEGATIVE, "model_ema_decay": PROBABILITY, "hflip": PROBABILITY, "mixup": NON_NEGATIVE,
+          "cutmix": NON_NEGATIVE, "mixup_switch_prob": PROBABILITY, "smoothing": FRACTION,
+          "crop_pct": POSITIVE, "seed": COUNT, "log_interval": POSITIVE_INT}
+OPTIONAL = ("num_classes", "train_num_samples", "prefetch_factor", "clip_grad")
 
 
 def load(recipe: str | None, overrides=()) -> Dict[str, Any]:
-    return load_recipe(recipe, overrides, DEFAULTS, "experiment", RENAMED)
+    cfg = load_recipe(recipe, overrides, DEFAULTS, "experiment", RENAMED)
+    check_values(cfg, VALUES, OPTIONAL)
+    return cfg
 
 
 def run_dir_of(cfg: dict) -> Path:
@@ -200,10 +215,15 @@ def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
     if cfg.get("device") == "xla":
         xla_rt.check_ready(cfg["fsdp"])
     _check_data(cfg)
-    if cfg.get("device") == "xla" and not cfg["fsdp"]:
-        xla_rt.launch(_xla_process, args=(cfg,))
-        return json.loads((run_dir_of(cfg) / "summary.json").read_text())
-    return _train(cfg)
+    run_dir = run_dir_of(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the folder for the whole run
+        return _train(cfg)
+    run_folder.claim(run_dir, run_folder.CLASSIFIER_RUN)
+    with run_folder.locked(run_dir):
+        if cfg.get("device") == "xla" and not cfg["fsdp"]:
+            xla_rt.launch(_xla_process, args=(cfg,))
+            return json.loads((run_dir / "summary.json").read_text())
+        return _train(cfg)
 
 
 def _xla_process(index: int, cfg: dict) -> None:
@@ -281,6 +301,9 @@ def _train(cfg: dict) -> dict:
 
     model = build_model(cfg, num_classes)
     resume = torch.load(latest, map_location="cpu", weights_only=True) if latest.is_file() else None
+    if resume is not None:
+        check_resume_compatible(json.loads(resume.get("recipe", "{}")), cfg, run_dir,
+                                [k for k in cfg if k not in RESUMABLE_CHANGES])
     init_report = None
     if resume is None and cfg["initial_checkpoint"]:
         init_report = load_encoder(model, cfg["initial_checkpoint"], cfg["new_head"], cfg["load_patch_embed"])
@@ -314,7 +337,6 @@ def _train(cfg: dict) -> dict:
     ema = ModelEmaV3(model, decay=cfg["model_ema_decay"]) if cfg["model_ema"] else None
     start_epoch, num_updates, history = 0, 0, []
     if resume is not None:
-        check_resume_compatible(json.loads(resume.get("recipe", "{}")), cfg, run_dir, SCHEDULE_KEYS)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         if ema is not None and "ema" in resume:
@@ -335,8 +357,14 @@ def _train(cfg: dict) -> dict:
     if rank == 0:
         for stale in ckpt_dir.glob(".*.partial-*"):  # a write cut short by a kill
             stale.unlink()
-        write_json({"recipe": cfg, "num_classes": num_classes, "lr": lr, "batch_per_process": batch,
-                    "world_size": world, "init": init_report}, run_dir / "recipe.json")
+        record = {"recipe": cfg, "num_classes": num_classes, "lr": lr, "batch_per_process": batch,
+                  "world_size": world, "init": init_report}
+        if resume is None:
+            write_json(record, run_dir / "recipe.json")
+        else:  # the first run's recipe.json stays; each resumption is one row
+            with open(run_dir / "segments.jsonl", "a") as f:
+                f.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": start_epoch, **record},
+                                   default=str) + "\n")
     t0 = time.time()
     timing = StepTiming()
     amp_dtype = _autocast_dtype(cfg)
