@@ -5,6 +5,7 @@ Packages of crate_alpha import from here, never each other's private helpers.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tarfile
@@ -22,6 +23,10 @@ class CrateAlphaError(ValueError):
 # Writing: whole or not at all
 # --------------------------------------------------------------------------------------
 
+# disk full, over quota, or over the process's file-size limit
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def atomic_write(path: os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it to ``path``.
 
@@ -33,10 +38,28 @@ def atomic_write(path: os.PathLike, write: Callable[[str], None]) -> Path:
     try:
         write(str(tmp))
         os.replace(tmp, path)
+    except Exception as e:
+        full = _no_space(e)
+        if full is not None:
+            raise CrateAlphaError(f"no space left to write {path} ({os.strerror(full.errno)}); it was not written "
+                                  "(what was there before is unchanged): free space and run the command again") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _no_space(error: BaseException) -> Optional[OSError]:
+    """The full-disk OSError behind ``error``, if any: torch's writer turns the one it meets
+    while writing into a RuntimeError raised on top of it (the OSError is its context)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def write_json(obj, path: os.PathLike) -> Path:
@@ -49,7 +72,13 @@ def write_json(obj, path: os.PathLike) -> Path:
 def save_checkpoint(obj, path: os.PathLike) -> Path:
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        # through a Python file, so that a failed write is an OSError with its errno (torch's own
+        # file writer reports a full disk as a RuntimeError without one)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------

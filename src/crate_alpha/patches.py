@@ -9,6 +9,8 @@ What open_clip_train or timm already do is not patched: open_clip_train writes
 configs are added with ``open_clip.add_model_config`` and timm names with
 ``register_model``.
 
+* whole checkpoints: ``epoch_N.pt`` is written beside its final name and renamed (it is
+  written in place, so a full disk left a truncated file there); a full disk is one line;
 * DDP on CPU: it passes ``device_ids=[device]`` to DistributedDataParallel, which DDP
   refuses for CPU (gloo) and XLA processes; they are dropped there;
 * counted skips: damaged samples and shards are skipped (as before) and also counted in a
@@ -17,7 +19,8 @@ configs are added with ``open_clip.add_model_config`` and timm names with
   tensors (on the 2-core demo, 0.23 -> 0.19 s per step);
 * seeded sample shuffle: its sample-level ``wds.shuffle`` seeds from the clock and the
   pid, so two runs with the same ``--seed`` see different data orders; it is given a
-  shuffle seeded from ``--seed`` (see ``SeededShuffle``);
+  shuffle seeded from ``--seed`` and the epoch (see ``SeededShuffle``), so that a resumed
+  run repeats the uninterrupted one;
 * tar members: the training pipeline's tar expander is ``crate_alpha.data.tarstream``'s
   (the same samples as webdataset's, ~5x less time per member than ``tarfile``);
 * cached tokenizer: the tokenizer open_clip_train gets from ``get_tokenizer`` is wrapped in
@@ -42,6 +45,7 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
+import os
 import random
 import types
 from dataclasses import dataclass
@@ -67,6 +71,8 @@ PATCHES = (
     ("open_clip_train.data", "tar_file_expander", "files = tar_file_expander(streams, handler=handler)"),
     ("open_clip_train.data", "filter_no_caption_or_no_image", "wds.select(filter_no_caption_or_no_image)"),
     ("open_clip_train.data", "wds", "wds.shuffle("),
+    ("open_clip_train.data", "wds", "dataset = wds.DataPipeline(*pipeline)"),
+    ("open_clip_train.main", "torch", "torch.save(checkpoint_dict, tmp_save_path)"),
     ("open_clip_train.data", "wds", 'wds.decode("pilrgb"'),
     ("open_clip_train.data", "wds", "dataloader = wds.WebLoader("),
     ("open_clip_train.data", "wds", "wds.batched(args.batch_size, partial=not is_train)"),
@@ -93,9 +99,20 @@ def register_compiled_open_clip() -> None:
         models.MODEL_TYPES.append(COMPILED_OPEN_CLIP)  # the same list clip_benchmark's CLI checks against
 
 
+def _whole_save(obj, f, *args, **kwargs):
+    # epoch_N.pt is written in place by open_clip_train: a full disk would leave a truncated
+    # checkpoint under its final name; written beside it and renamed, it is whole or absent
+    if isinstance(f, (str, os.PathLike)) and not args and not kwargs:
+        from .common import save_checkpoint
+
+        save_checkpoint(obj, f)
+    else:
+        torch.save(obj, f, *args, **kwargs)
+
+
 def _save_on_cpu(obj, f, *args, **kwargs):
     # an XLA checkpoint is the same file a CPU/GPU run writes (XLA tensors would need torch_xla to load)
-    torch.save(_xla.to_cpu(obj), f, *args, **kwargs)
+    _whole_save(_xla.to_cpu(obj), f, *args, **kwargs)
 
 
 class _Proxy(types.ModuleType):
@@ -119,9 +136,7 @@ def cpu_safe_ddp(module, device_ids=None, **kwargs):
 
 def _torch_for_open_clip_train(on_xla: bool):
     parallel = _Proxy(torch.nn.parallel, {"DistributedDataParallel": cpu_safe_ddp})
-    overrides = {"nn": _Proxy(torch.nn, {"parallel": parallel})}
-    if on_xla:
-        overrides["save"] = _save_on_cpu
+    overrides = {"nn": _Proxy(torch.nn, {"parallel": parallel}), "save": _save_on_cpu if on_xla else _whole_save}
     return _Proxy(torch, overrides)
 
 
@@ -129,19 +144,31 @@ class SeededShuffle(wds.detshuffle):
     """open_clip_train's sample shuffle, seeded from --seed (it seeds from the clock).
 
     The seed is the loader worker's torch seed (or, without workers, the process's, which
-    open_clip_train sets to --seed + rank) and the pass number, so a run's data order can
-    be repeated (the XLA-vs-CPU parity tests need it).
+    open_clip_train sets to --seed + rank) and the epoch, so a run's data order can be
+    repeated (the XLA-vs-CPU parity tests need it). The epoch is open_clip_train's own
+    (its ``SharedEpoch``, handed over by the pipeline; see ``install``), not a count of
+    passes, and a worker's crops and flips are reseeded from it at each pass: a run
+    resumed at epoch k sees the same samples, in the same order, with the same
+    augmentation, as the uninterrupted run did at epoch k.
     """
 
     def __init__(self, bufsize=1000, initial=100):
         super().__init__(bufsize, initial)
+        self.shared_epoch = None
 
     def run(self, src):
-        self.epoch += 1
+        if self.shared_epoch is not None:
+            epoch = self.shared_epoch.get_value()
+        else:
+            self.epoch += 1
+            epoch = self.epoch
         worker = torch.utils.data.get_worker_info()
         base = worker.seed if worker is not None else torch.initial_seed()
-        rng = random.Random(base * 1_000_003 + self.epoch)
-        return wds.shuffle(self.bufsize, self.initial, rng=rng)(src)
+        seed = base * 1_000_003 + epoch
+        if worker is not None:  # the main process's generators are the training step's: left alone
+            torch.manual_seed(seed % 2 ** 63)
+            random.seed(seed)
+        return wds.shuffle(self.bufsize, self.initial, rng=random.Random(seed))(src)
 
 
 def decode_caption(sample: dict) -> dict:
@@ -298,6 +325,15 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
         @staticmethod
         def shuffle(bufsize=1000, initial=100, **kwargs):
             return SeededShuffle(bufsize, initial)
+
+        @staticmethod
+        def DataPipeline(*stages, **kwargs):  # noqa: N802 - mirrors wds.DataPipeline
+            # the shard shuffle's SharedEpoch (the epoch open_clip_train sets) is the sample shuffle's too
+            epochs = [st.epoch for st in stages if isinstance(getattr(st, "epoch", None), data.SharedEpoch)]
+            for st in stages:
+                if isinstance(st, SeededShuffle) and epochs:
+                    st.shared_epoch = epochs[0]
+            return wds.DataPipeline(*stages, **kwargs)
 
         @staticmethod
         def batched(batchsize, partial=True, **kwargs):
