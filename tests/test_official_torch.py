@@ -100,13 +100,16 @@ def test_square_text_projection_is_transposed(fixtures, tmp_path):
 
 
 def test_heads_from_model_name(tmp_path):
-    # width 192 is the paper's tiny size: 3 heads, found from the name or from the width.
+    # width 192 is the paper's tiny size (3 heads, what the width alone gives); the name's 6 win
     sd = ref.random_classifier_sd(width=192, depth=1, patch=16, res=32, num_classes=3)
     torch.save(sd, tmp_path / "c.pth")
-    info = convert_official_torch(tmp_path / "c.pth", tmp_path / "a", model="crate_alpha_tiny_patch16_224")
-    assert info["model_args"]["num_heads"] == 3
+    info = convert_official_torch(tmp_path / "c.pth", tmp_path / "a", model="crate_alpha_custom.w192_d1_h6_patch16_32")
+    assert info["model_args"]["num_heads"] == 6
     images = torch.randn(1, 3, 32, 32)
-    assert rel_err(_timm_outputs(tmp_path / "a", images)[0], ref.classifier_forward(sd, images, 3)[0]) <= TOL
+    assert rel_err(_timm_outputs(tmp_path / "a", images)[0], ref.classifier_forward(sd, images, 6)[0]) <= TOL
+    # the tiny name is another shape (12 blocks at 224 px): refused, not converted with its heads
+    with pytest.raises(ConversionError, match=r"not crate_alpha_tiny_patch16_224: their depth 1 \(not 12\)"):
+        convert_official_torch(tmp_path / "c.pth", tmp_path / "b", model="crate_alpha_tiny_patch16_224")
 
 
 # ---- bad input -----------------------------------------------------------------------

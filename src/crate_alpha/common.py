@@ -8,7 +8,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import re
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -119,14 +122,163 @@ def timm_folder_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-def read_state_dict(path: os.PathLike, what: str = "checkpoint") -> Dict[str, "object"]:
-    """A state dict from a checkpoint file, through open_clip's loader (``state_dict`` key and
-    DDP's ``module.`` prefix handled there)."""
-    from open_clip.factory import load_state_dict
+def _torch_file_kind(path: Path) -> Optional[str]:
+    """'torch' for torch.save's zip archive (``*/data.pkl`` inside) or its legacy raw pickle,
+    'damaged' for a zip archive that does not open (a cut-short copy), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:1] == b"\x80":
+            return "torch"
+        if not zipfile.is_zipfile(path):
+            return "damaged" if head == b"PK\x03\x04" else None
+        with zipfile.ZipFile(path) as z:
+            return "torch" if any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()) else None
+    except (OSError, zipfile.BadZipFile):
+        return None
 
-    if not os.path.isfile(str(path)):
-        raise CrateAlphaError(f"{what} {path} does not exist")
-    return load_state_dict(str(path))
+
+def _refusal(e: BaseException) -> str:
+    """The line of torch's weights_only refusal that says what it met (its other lines are advice)."""
+    lines = [ln.strip().removeprefix("WeightsUnpickler error:").strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines[1:] if ln and not ln.startswith(("Please file", "Check the documentation"))]
+    return lines[0] if lines else type(e).__name__
+
+
+def read_checkpoint(path: os.PathLike, what: str = "checkpoint", error=CrateAlphaError) -> dict:
+    """The dict a checkpoint file holds, read with ``torch.load(weights_only=True)``: a pickle
+    that would run code when loaded is refused unrun, and every other reason a file cannot be
+    a checkpoint is named in one line (``error``: the exception type to raise)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise error(f"{what} {path} is not a readable safetensors file: {e}") from None
+    kind = _torch_file_kind(path)
+    if kind == "damaged":
+        raise error(f"{what} {path} is a damaged or truncated checkpoint (its zip archive does not open)")
+    if kind is None:
+        raise error(f"{what} {path} is not a PyTorch checkpoint (a file written by torch.save)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # what weights_only names when the pickle asks for a function or class
+            raise error(f"{what} {path} was not loaded: it is not a plain weights file (its pickle would run code "
+                        f"when loaded, which torch.load(weights_only=True) refused: {_refusal(e)})") from None
+        raise error(f"{what} {path} is not a readable PyTorch checkpoint (damaged?): {_refusal(e)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a truncated or damaged archive
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"{what} {path} is not a readable PyTorch checkpoint (damaged or truncated?): {first}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{what} {path} holds a {type(obj).__name__}, not a state dict of tensors")
+    return obj
+
+
+def state_dict_of(obj: dict, source, error=CrateAlphaError) -> Dict[str, "object"]:
+    """The tensors of a loaded checkpoint: inside the ``state_dict`` (open_clip_train), ``model``
+    (this project's classifier trainer) or ``module`` wrapper, DDP's ``module.`` prefix removed."""
+    import torch
+
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise error(f"{source} holds a {type(obj).__name__}, not a state dict of tensors")
+    if not obj:
+        raise error(f"{source} holds no weights (an empty state dict)")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise error(f"{source}: keys that are not parameter names (strings): {', '.join(map(repr, bad[:10]))}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise error(f"{source}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def read_state_dict(path: os.PathLike, what: str = "checkpoint", error=CrateAlphaError) -> Dict[str, "object"]:
+    """The state dict of a checkpoint file (see :func:`read_checkpoint` and :func:`state_dict_of`):
+    the one reader of checkpoints given to a command, so each is checked the same way."""
+    return state_dict_of(read_checkpoint(path, what, error), f"{what} {path}", error)
+
+
+def _listed(keys, n: int = 8) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _fit_problems(missing=(), unexpected=(), error: Optional[RuntimeError] = None) -> List[str]:
+    """What kept a state dict from loading, as phrases. With strict=False torch returns the
+    missing and unexpected keys and raises only for shapes (after the model's own loading
+    hooks: a model that resamples its position grid accepts another grid size)."""
+    problems = []
+    if error is not None:
+        text = str(error)
+        if not text.startswith("Error(s) in loading state_dict"):
+            raise error  # not a fitting problem: a bug keeps its traceback
+        shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^]]*\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((\[[^]]*\])\)", text)
+        found = [f"size mismatch for {k}: {a} in the file, {b} in the model" for k, a, b in shapes]
+        problems.append(_listed(found, 4) if found else "; ".join(ln.strip() for ln in text.splitlines()[1:4]))
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
+    return problems
+
+
+def load_weights(model, state_dict: dict, source, what: str = "the model", allow_missing=lambda key: False) -> list:
+    """Load ``state_dict`` into ``model``; a file of another model is refused in one line naming
+    its missing, unexpected and mis-shaped keys. Returns the missing keys ``allow_missing`` let pass."""
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:
+        raise CrateAlphaError(f"{source} does not fit {what}: " + "; ".join(_fit_problems(error=e))) from None
+    bad = [k for k in missing if not allow_missing(k)]
+    if bad or unexpected:
+        raise CrateAlphaError(f"{source} does not fit {what}: " + "; ".join(_fit_problems(bad, unexpected)))
+    return list(missing)
+
+
+def load_open_clip_checkpoint(model, path: os.PathLike, what: str = "checkpoint", model_name: str = "the model"):
+    """open_clip's ``load_checkpoint`` (its grid and context resizing, old text layouts) after the
+    checked read, with another model's file named in one line. ``model`` may be on the meta
+    device: then only the fit is checked, at no memory cost."""
+    import warnings
+
+    import open_clip
+
+    read_state_dict(path, what)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")  # a meta model's no-op
+        try:
+            result = open_clip.load_checkpoint(model, str(path), strict=False)
+        except RuntimeError as e:
+            raise CrateAlphaError(f"{what} {path} does not fit {model_name}: "
+                                  + "; ".join(_fit_problems(error=e))) from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CrateAlphaError(f"{what} {path} does not fit {model_name}: "
+                              + "; ".join(_fit_problems(result.missing_keys, result.unexpected_keys)))
+
+
+def check_open_clip_checkpoint(model_name: str, path: os.PathLike, what: str = "checkpoint") -> None:
+    """Refuse, before any work, a checkpoint that ``open_clip.create_model(model_name, pretrained=path)``
+    would fail to load (checked on a meta-device model: no weights are allocated)."""
+    import warnings
+
+    import open_clip
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        model = open_clip.create_model(model_name, device="meta")
+    load_open_clip_checkpoint(model, path, what, model_name)
 
 
 # --------------------------------------------------------------------------------------

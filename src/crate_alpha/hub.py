@@ -107,6 +107,7 @@ def converted_dir(ref: HubFile, tokenizer=None) -> Path:
 
     from .convert.big_vision import convert_big_vision
     from .convert.official_torch import convert_official_torch
+    from .convert.targets import named_heads
 
     local = download(ref)
     out = (Path(constants.HF_HUB_CACHE).parent / "crate-alpha" / ref.repo.replace("/", "--")
@@ -118,8 +119,9 @@ def converted_dir(ref: HubFile, tokenizer=None) -> Path:
     if ref.path.endswith(".npz"):
         convert_big_vision(str(local), out, tokenizer=tokenizer)
     else:
-        model = (r.open_clip or r.model) if r is not None else None
-        convert_official_torch(local, out, model=model, tokenizer=tokenizer)
+        # the release names the file's model: its head counts, the shape read from the file itself
+        heads, text_heads = named_heads(r.open_clip or r.model) if r is not None else (None, None)
+        convert_official_torch(local, out, heads=heads, text_heads=text_heads, tokenizer=tokenizer)
     return out
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
+from ..common import read_state_dict
 from .folders import ConversionError, check_names, check_out_dir, check_shape, write_open_clip_folder, write_timm_folder
 from .targets import (
+    check_named_shape,
     classifier_args,
     clipa_model_cfg,
     clipa_preprocess_cfg,
@@ -31,46 +32,9 @@ from .targets import (
 StateDict = Dict[str, torch.Tensor]
 
 
-def _is_torch_file(path: Path) -> bool:
-    """torch.save's zip archive (``*/data.pkl`` inside) or its legacy raw pickle."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(1) == b"\x80":
-                return True
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as z:
-            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
 def load_torch_state_dict(path: os.PathLike) -> StateDict:
     """Read a plain tensor state dict; anything that needs code to unpickle is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"checkpoint {path} does not exist")
-    if not _is_torch_file(path):
-        raise ConversionError(f"{path} is not a PyTorch checkpoint (a file written by torch.save)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged or hostile file can fail inside the unpickler in any way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            f"{path} is not a plain tensor state dict loadable with weights_only=True "
-            f"(refused rather than running pickled code): {first}") from None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not obj:
-        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
-    bad = [k for k in obj if not isinstance(k, str)]
-    if bad:
-        raise ConversionError(f"{path}: keys that are not parameter names (strings): {', '.join(map(repr, bad[:10]))}")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ConversionError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return read_state_dict(path, "checkpoint", ConversionError)
 
 
 def _tensor(sd: StateDict, key: str, ndim: int, layout: str) -> torch.Tensor:
@@ -124,6 +88,7 @@ def convert_classifier(sd: StateDict, heads: Optional[int] = None, model: Option
     width = conv.shape[0]
     depth = _depth(sd, r"transformer\.layers\.(\d+)\.")
     patch, res = _patch_and_grid(conv, pos.reshape(-1, pos.shape[-1]), "conv1.weight", "pos_embedding")
+    check_named_shape(model, {"width": width, "depth": depth, "patch": patch, "resolution": res})
     heads = resolve_heads(width, heads, model)
     # heads == 1 with head_dim == width has no output projection in the official code.
     project_out = "transformer.layers.0.0.fn.to_out.0.weight" in sd
@@ -206,7 +171,6 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
                                           "mlp.c_proj.bias")}
     check_names(sd, expected, "official CLIPA state dict")
 
-    heads = resolve_heads(width, heads, model)
     for key, ndim, layout in (("visual.proj", 2, "(width, embed)"), ("token_embedding.weight", 2, "(vocab, width)"),
                               ("positional_embedding", 2, "(context, width)"),
                               ("transformer.resblocks.0.mlp.c_fc.weight", 2, "(hidden, width)")):
@@ -214,6 +178,10 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
     embed_dim = sd["visual.proj"].shape[1]
     vocab, text_width = sd["token_embedding.weight"].shape
     context = sd["positional_embedding"].shape[0]
+    check_named_shape(model, {"width": width, "depth": depth, "patch": patch, "resolution": res},
+                      {"text width": text_width, "text layers": text_layers, "vocabulary": vocab,
+                       "context length": context, "embedding width": embed_dim})
+    heads = resolve_heads(width, heads, model)
     text_heads = resolve_text_heads(text_width, text_heads, model)
     hidden = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     check_shape(sd, "visual.class_embedding", (width,))

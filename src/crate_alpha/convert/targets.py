@@ -54,6 +54,55 @@ def model_heads(model: Optional[str]) -> Optional[int]:
         ) from None
 
 
+def open_clip_text_cfg(model: Optional[str]) -> Optional[dict]:
+    """The text tower of an open_clip CRATE-α config name (with ``embed_dim``), else None."""
+    if model not in OPEN_CLIP_NAMES:
+        return None
+    import open_clip
+
+    cfg = open_clip.get_model_config(model)
+    return {**cfg["text_cfg"], "embed_dim": cfg["embed_dim"]} if cfg else None
+
+
+def _named_text_heads(model: Optional[str]) -> Optional[int]:
+    if model is None:
+        return None
+    return CLIPA_TEXT_HEADS.get(model) or (open_clip_text_cfg(model) or {}).get("heads")
+
+
+def named_heads(model: str):
+    """(vision heads, text heads or None) of a named model, for weights known to be that model
+    but possibly not at its size (a released file at its Hub path: the name is the release's)."""
+    return model_heads(model), _named_text_heads(model)
+
+
+def check_named_shape(model: Optional[str], vision: dict, text: Optional[dict] = None) -> None:
+    """Refuse weights whose shape is not the named model's: its head counts (which the weights
+    do not hold) would be applied to another model, and the folder would compute something else.
+
+    ``vision``: width, depth, patch, resolution read from the weights; ``text``: width, layers,
+    vocabulary, context, embedding width of a CLIPA text tower, compared when the name is an
+    open_clip one (a timm name has no text tower).
+    """
+    if model is None:
+        return
+    model_heads(model)  # an unknown name is refused with the known names
+    a = variant_args(OPEN_CLIP_NAMES.get(model, model))
+    named = {"width": a["embed_dim"], "depth": a["depth"], "patch": a["patch_size"], "resolution": a["img_size"]}
+    found = dict(vision)
+    text_cfg = open_clip_text_cfg(model) if text is not None else None
+    if text_cfg is not None:
+        named.update({"text width": text_cfg["width"], "text layers": text_cfg["layers"],
+                      "vocabulary": text_cfg["vocab_size"], "context length": text_cfg["context_length"],
+                      "embedding width": text_cfg["embed_dim"]})
+        found.update(text)
+    differ = [f"{k} {found[k]} (not {named[k]})" for k in named if k in found and found[k] != named[k]]
+    if differ:
+        raise ConversionError(
+            f"the weights are not {model}: their {', '.join(differ)}; name the model they are, or pass "
+            "--heads N (and --text-heads N) instead of --model for a model of another shape")
+
+
 def _check_count(value: Optional[int], option: str) -> None:
     if value is not None and value < 1:
         raise ConversionError(f"{option} must be a positive number of heads, got {value}")
@@ -63,6 +112,9 @@ def resolve_heads(width: int, heads: Optional[int], model: Optional[str], what: 
     """Head count: --heads, else --model, else the paper's size with this width."""
     _check_count(heads, "--heads")
     named = model_heads(model)
+    if heads is not None and named is not None and heads != named:
+        raise ConversionError(f"--heads {heads} contradicts --model {model}, which has {named} {what} heads: "
+                              "give one of them")
     if heads is None:
         heads = named
     if heads is None:
@@ -83,7 +135,11 @@ def resolve_text_heads(width: int, text_heads: Optional[int], model: Optional[st
         raise ConversionError(f"text width {width} must be at least 1")
     if model is not None:
         model_heads(model)  # validates the name
-    heads = text_heads or CLIPA_TEXT_HEADS.get(model) or max(width // 64, 1)
+    named = _named_text_heads(model)
+    if text_heads is not None and named is not None and text_heads != named:
+        raise ConversionError(f"--text-heads {text_heads} contradicts --model {model}, which has {named} text heads: "
+                              "give one of them")
+    heads = text_heads or named or max(width // 64, 1)
     if width % heads:
         raise ConversionError(f"text width {width} is not divisible by {heads} heads; pass --text-heads N")
     return heads
