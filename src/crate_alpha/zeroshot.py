@@ -17,12 +17,25 @@ import torch
 
 import crate_alpha  # noqa: F401  (registers CRATE-α in timm and open_clip)
 
-from .common import CrateAlphaError, local_dir
+from .common import CrateAlphaError, atomic_write, local_dir
 from .convert.folders import TOKENIZER_FILES
+from .data import ownership
+
+IMAGENET_ROOT = "zero-shot ImageNet root"  # the kind recorded in the --cache folder's marker
+TABLE_SUFFIXES = (".csv", ".md")  # an --out naming one of the tables is taken as the prefix without it
+RESULT_KEYS = ("dataset", "model", "metrics")  # what every clip_benchmark result file holds
 
 
 class EvalError(CrateAlphaError):
     pass
+
+
+def _read_json(path: os.PathLike, what: str):
+    """The JSON in ``path``; a file that is not JSON is named in one line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalError(f"{path} is not valid JSON ({e}); {what}") from None
 
 
 def _check_model(model: str, checkpoint: Optional[str]) -> None:
@@ -32,7 +45,8 @@ def _check_model(model: str, checkpoint: Optional[str]) -> None:
     if folder is not None:
         if not (folder / "open_clip_config.json").is_file():
             raise EvalError(f"{folder} is not an open_clip model folder (no open_clip_config.json)")
-        text_cfg = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {}).get("text_cfg", {})
+        cfg = _read_json(folder / "open_clip_config.json", "convert the model folder again")
+        text_cfg = cfg.get("model_cfg", {}).get("text_cfg", {}) if isinstance(cfg, dict) else {}
         if text_cfg.get("hf_tokenizer_name") and not any((folder / f).is_file() for f in TOKENIZER_FILES[1:3]):
             raise EvalError(f"{folder} has no tokenizer files ({text_cfg['hf_tokenizer_name']}); convert it again "
                             "with `crate-alpha convert ... --tokenizer DIR`, or online so the Hub provides them")
@@ -86,7 +100,9 @@ def imagenet_root(val_dir: str, cache: str) -> str:
 
     torchvision's ImageNet wants ``meta.bin`` beside ``val/``; it is written from the
     folder's class folders (WordNet ids), with clip_benchmark's own class names used for
-    the prompts.
+    the prompts. ``cache`` follows the data pipeline's ownership rule: a new or empty folder
+    is created and marked, a marked one is reused, and anything else is refused by name
+    before a file is written. In our folder, ``val`` is replaced only when it is a link.
     """
     val = Path(val_dir).resolve()
     if not val.is_dir():
@@ -95,34 +111,64 @@ def imagenet_root(val_dir: str, cache: str) -> str:
     if len(wnids) != 1000:
         raise EvalError(f"{val} has {len(wnids)} class folders; ImageNet-1K validation needs 1000 (one per WordNet id)")
     root = Path(cache)
-    root.mkdir(parents=True, exist_ok=True)
     link = root / "val"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(val, target_is_directory=True)
-    torch.save(({w: (w,) for w in wnids}, None), root / "meta.bin")
+    try:
+        ownership.check_may_write(str(root), IMAGENET_ROOT)
+    except ownership.DataError as e:
+        raise EvalError(f"--cache: {e}") from None
+    if os.path.lexists(link) and not link.is_symlink():
+        raise EvalError(f"{link} is not the link to the validation folder this command made; nothing was changed. "
+                        "Move it away, or give another --cache")
+    ownership.claim(str(root), IMAGENET_ROOT)
+    if not (link.is_symlink() and link.resolve() == val):
+        # a new link under a temporary name, renamed over the old one: never a moment without one
+        tmp = root / f".val.partial-{os.getpid()}"
+        if os.path.lexists(tmp):
+            tmp.unlink()
+        tmp.symlink_to(val, target_is_directory=True)
+        os.replace(tmp, link)
+    atomic_write(root / "meta.bin", lambda tmp: torch.save(({w: (w,) for w in wnids}, None), tmp))
     return str(root)
 
 
+def _result_row(f: str) -> dict:
+    r = _read_json(f, "zeroshot table takes the result files of `crate-alpha zeroshot eval|imagenet`")
+    if not isinstance(r, dict):
+        problem = f"it holds a JSON {type(r).__name__}, not an object"
+    elif [k for k in RESULT_KEYS if k not in r]:
+        problem = "it has no " + ", ".join(repr(k) for k in RESULT_KEYS if k not in r)
+    elif not isinstance(r["metrics"], dict):
+        problem = "its 'metrics' is not an object"
+    else:
+        problem = None
+    if problem:
+        raise EvalError(f"{f} is not a clip_benchmark result file ({problem}); zeroshot table takes the --output "
+                        "files of `crate-alpha zeroshot eval|imagenet`")
+    m = r["metrics"]
+    return {
+        "file": str(f), "model": r.get("model"), "pretrained": r.get("pretrained"), "dataset": r.get("dataset"),
+        "task": r.get("task"),
+        "acc1": m.get("acc1"), "acc5": m.get("acc5"), "mean_per_class_recall": m.get("mean_per_class_recall"),
+        "image_retrieval_recall@5": m.get("image_retrieval_recall@5"),
+        "text_retrieval_recall@5": m.get("text_retrieval_recall@5"),
+    }
+
+
 def results_table(files: List[str], out_prefix: str) -> str:
-    rows = []
-    for f in files:
-        r = json.loads(Path(f).read_text())
-        m = r.get("metrics", {})
-        rows.append({
-            "file": str(f), "model": r.get("model"), "pretrained": r.get("pretrained"), "dataset": r.get("dataset"),
-            "task": r.get("task"),
-            "acc1": m.get("acc1"), "acc5": m.get("acc5"), "mean_per_class_recall": m.get("mean_per_class_recall"),
-            "image_retrieval_recall@5": m.get("image_retrieval_recall@5"),
-            "text_retrieval_recall@5": m.get("text_retrieval_recall@5"),
-        })
+    """``out_prefix``.csv and ``out_prefix``.md over clip_benchmark result files (all read before either is written)."""
+    rows = [_result_row(f) for f in files]
     cols = [c for c in rows[0] if any(r[c] is not None for r in rows)] if rows else []
     out = Path(out_prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    if out.suffix in TABLE_SUFFIXES:
+        out = out.with_suffix("")
+    # the suffixes are appended, never swapped in: --out x.v2 gives x.v2.csv, not x.csv
+    csv_path, md_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".md")
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
 
     def fmt(v):
         return f"{100 * v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
@@ -130,5 +176,6 @@ def results_table(files: List[str], out_prefix: str) -> str:
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     text = "\n".join(md) + "\n"
-    out.with_suffix(".md").write_text(text)
+    atomic_write(csv_path, write_csv)
+    atomic_write(md_path, lambda tmp: Path(tmp).write_text(text))
     return text
