@@ -22,7 +22,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .common import check_shards, count_samples, read_state_dict, save_checkpoint, write_json
+from .common import check_shards, count_samples, load_open_clip_checkpoint, read_state_dict, save_checkpoint, write_json
 from . import run_folder
 from .recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RecipeError, check_resume_compatible,
                      check_values, load_recipe)
@@ -138,10 +138,8 @@ def prepare_init(cfg: dict, run_dir: Path) -> str:
     model = open_clip.create_model(cfg["model"], force_image_size=size,
                                    force_context_length=cfg["force_context_length"])
     if cfg["init_from"]:
-        if not os.path.isfile(str(cfg["init_from"])):
-            raise RecipeError(f"init_from checkpoint {cfg['init_from']} does not exist")
-        # open_clip's loader (resamples a ViT's grid; a CRATE-α trunk resamples its own)
-        open_clip.load_checkpoint(model, str(cfg["init_from"]), strict=True)
+        # open_clip's loader (resamples a ViT's grid; a CRATE-α trunk resamples its own), checked
+        load_open_clip_checkpoint(model, cfg["init_from"], "init_from checkpoint", cfg["model"])
         trunk = getattr(model.visual, "trunk", None)
         if cfg["pos_embed_init"] == "sincos":
             if trunk is None or not hasattr(trunk, "reset_pos_embed_sincos"):

@@ -179,6 +179,8 @@ def read_checkpoint(path: os.PathLike, what: str = "checkpoint", error=CrateAlph
         raise error(f"{what} {path} is not a readable PyTorch checkpoint (damaged or truncated?): {first}") from None
     if not isinstance(obj, dict):
         raise error(f"{what} {path} holds a {type(obj).__name__}, not a state dict of tensors")
+    if not obj:
+        raise error(f"{what} {path} holds no weights (an empty dict)")
     return obj
 
 
@@ -209,9 +211,9 @@ def read_state_dict(path: os.PathLike, what: str = "checkpoint", error=CrateAlph
     return state_dict_of(read_checkpoint(path, what, error), f"{what} {path}", error)
 
 
-def _listed(keys, n: int = 8) -> str:
+def _listed(keys, n: int = 8, sep: str = ", ") -> str:
     keys = list(keys)
-    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+    return sep.join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _fit_problems(missing=(), unexpected=(), error: Optional[RuntimeError] = None) -> List[str]:
@@ -226,7 +228,7 @@ def _fit_problems(missing=(), unexpected=(), error: Optional[RuntimeError] = Non
         shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^]]*\])\) "
                             r"from checkpoint, the shape in current model is torch\.Size\((\[[^]]*\])\)", text)
         found = [f"size mismatch for {k}: {a} in the file, {b} in the model" for k, a, b in shapes]
-        problems.append(_listed(found, 4) if found else "; ".join(ln.strip() for ln in text.splitlines()[1:4]))
+        problems.append(_listed(found, 4, "; ") if found else "; ".join(ln.strip() for ln in text.splitlines()[1:4]))
     if missing:
         problems.append(f"{len(missing)} missing keys: {_listed(missing)}")
     if unexpected:

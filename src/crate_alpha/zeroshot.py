@@ -17,7 +17,7 @@ import torch
 
 import crate_alpha  # noqa: F401  (registers CRATE-α in timm and open_clip)
 
-from .common import CrateAlphaError, atomic_write, local_dir
+from .common import CrateAlphaError, atomic_write, check_open_clip_checkpoint, local_dir
 from .convert.folders import TOKENIZER_FILES
 from .data import ownership
 
@@ -55,6 +55,8 @@ def _check_model(model: str, checkpoint: Optional[str]) -> None:
         raise EvalError(f"unknown model {model!r}; CRATE-α models: {names}")
     if checkpoint and not os.path.isfile(checkpoint):
         raise EvalError(f"checkpoint {checkpoint} does not exist")
+    if checkpoint:  # read and fitted before clip_benchmark, which would end in a traceback
+        check_open_clip_checkpoint(model, checkpoint)
 
 
 def clip_benchmark_eval(model: str, dataset: str, dataset_root: str, output: str, checkpoint: Optional[str] = None,

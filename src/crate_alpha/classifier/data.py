@@ -1,16 +1,30 @@
-"""Classification data: an ImageFolder tree or webdataset shards (``.jpg`` + ``.cls``)."""
+"""Classification data: an ImageFolder tree or webdataset shards (``.jpg`` + ``.cls``).
+
+An image that does not decode (truncated, not an image, or over PIL's decompression-bomb
+limit) is skipped, named in one warning line and counted by a ``SkipCounter``, as the CLIP
+loader does: one bad file costs a run one sample, not the run.
+"""
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+from PIL import Image
 from timm.data import create_transform
 
-from ..common import check_shards, count_samples
+from ..common import CrateAlphaError, check_shards, count_samples
 from ..data.decode import SkipCounter
 from ..recipe import RecipeError
+
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+
+
+class DamagedImage(CrateAlphaError):
+    """An image file or shard member that does not decode; the message names it."""
 
 
 def is_folder(path) -> bool:
@@ -34,10 +48,96 @@ def eval_transform(image_size: int, mean, std, crop_pct: float = 0.875, interpol
                             interpolation=interpolation, mean=mean, std=std)
 
 
-def num_classes_of(path) -> Optional[int]:
+def class_names_of(path) -> Optional[List[str]]:
+    """An ImageFolder's classes in torchvision's order (its sorted class folders); None for shards."""
     if is_folder(path):
-        return len([p for p in Path(path).iterdir() if p.is_dir()])
+        return sorted(p.name for p in Path(path).iterdir() if p.is_dir())
     return None
+
+
+def num_classes_of(path) -> Optional[int]:
+    names = class_names_of(path)
+    return None if names is None else len(names)
+
+
+def open_rgb(source) -> Image.Image:
+    """An RGB image from a path or file object, decoded by PIL as torchvision's loader does;
+    PIL's decompression-bomb warning (over ``Image.MAX_IMAGE_PIXELS``) is an error here, so
+    such an image is refused from its header before its pixels are allocated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as im:
+            return im.convert("RGB")
+
+
+def _damaged(name: str, e: BaseException) -> DamagedImage:
+    return DamagedImage(f"{name}: {type(e).__name__}: {e}")
+
+
+class CheckedImageFolder:
+    """torchvision's ``ImageFolder``, whose images that do not decode come back as None
+    (counted and named by ``counter``) for :func:`collate_present` to leave out."""
+
+    def __init__(self, root, transform, counter: SkipCounter):
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root), transform=transform)
+        self.counter = counter
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index):
+        path, target = self.folder.samples[index]
+        try:
+            image = open_rgb(path)
+        except Exception as e:  # noqa: BLE001 - whatever PIL raises on the file's bytes, the file is damaged
+            self.counter(_damaged(path, e))
+            return None
+        transform = self.folder.transform
+        return (transform(image) if transform is not None else image), target
+
+
+def collate_present(batch):
+    """torch's default collation of the samples that decoded; None when none did."""
+    batch = [b for b in batch if b is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
+class PresentBatches:
+    """The batches of a loader, without the empty ones (every image of them was damaged)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return (b for b in self.loader if b is not None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):  # the loader's own attributes (dataset, sampler, batch_size, ...)
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def decode_sample(sample: dict):
+    """(image, label) of a shard sample; an image that does not decode is named by shard and member."""
+    name = f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}"
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise DamagedImage(f"{name} has no image ({', '.join('.' + k for k in IMAGE_KEYS)})")
+    if "cls" not in sample:
+        raise DamagedImage(f"{name} has no .cls label")
+    try:
+        image = open_rgb(io.BytesIO(sample[key]))
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises on the member's bytes, it is damaged
+        raise _damaged(f"{name}.{key}", e) from None
+    try:
+        return image, int(sample["cls"])
+    except ValueError:
+        raise DamagedImage(f"{name}.cls is not a class number: {sample['cls'][:20]!r}") from None
 
 
 def make_loader(path, transform, batch_size: int, train: bool, workers: int, rank: int = 0, world: int = 1,
@@ -51,31 +151,29 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
     overlap = {"persistent_workers": workers > 0}
     if workers and prefetch_factor:
         overlap["prefetch_factor"] = prefetch_factor
+    handler = counter or SkipCounter()
     if is_folder(path):
-        from torchvision.datasets import ImageFolder
-
-        ds = ImageFolder(str(path), transform=transform)
+        ds = CheckedImageFolder(path, transform, handler)
         if world > 1:
             sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=train,
                                                           seed=seed, drop_last=train)
         else:
             sampler = torch.utils.data.RandomSampler(ds) if train else None
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                             drop_last=train, pin_memory=torch.cuda.is_available(), **overlap)
-        return loader, len(ds), sampler
+                                             drop_last=train, pin_memory=torch.cuda.is_available(),
+                                             collate_fn=collate_present, **overlap)
+        return PresentBatches(loader), len(ds), sampler
     import webdataset as wds
 
     urls = check_shards(path)
     n = int(num_samples or count_samples(urls))
-    handler = counter or SkipCounter()
     stages = [wds.SimpleShardList(urls)]
     if train:
         stages += [wds.shuffle(len(urls))]
     stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=handler)]
     if train:
         stages += [wds.shuffle(1000, initial=100)]
-    stages += [wds.decode("pilrgb", handler=handler), wds.to_tuple("jpg;png;jpeg;webp", "cls", handler=handler),
-               wds.map_tuple(transform, lambda c: int(c), handler=handler),
+    stages += [wds.map(decode_sample, handler=handler), wds.map_tuple(transform, int, handler=handler),
                wds.batched(batch_size, partial=not train)]
     ds = wds.DataPipeline(*stages)
     steps = math.ceil(n / (batch_size * world)) if not train else n // (batch_size * world)

@@ -7,7 +7,7 @@ from typing import Dict
 
 import torch
 
-from ..common import local_dir, read_state_dict, timm_folder_config
+from ..common import load_weights, local_dir, read_state_dict, timm_folder_config
 from ..recipe import RecipeError
 
 _log = logging.getLogger(__name__)
@@ -20,12 +20,10 @@ def read_state(source: str) -> Dict[str, torch.Tensor]:
         f = folder / "model.safetensors"
         if not f.is_file():
             raise RecipeError(f"{folder} is not a timm model folder (no model.safetensors)")
-        from safetensors.torch import load_file
-
-        return load_file(str(f))
+        return read_state_dict(f, "initial_checkpoint")
+    # checked: an empty, damaged or code-running file is named in one line; this trainer's
+    # checkpoints hold their weights under "model"
     sd = read_state_dict(source, "initial_checkpoint")
-    if "model" in sd and isinstance(sd["model"], dict):  # a checkpoint of this trainer
-        return sd["model"]
     if any(k.startswith("visual.trunk.") for k in sd):  # an open_clip CRATE-α CLIP model
         return {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
     return sd
@@ -45,7 +43,8 @@ def load_encoder(model: torch.nn.Module, source: str, new_head: bool, load_patch
     head_w = sd.get("head.weight")
     own = model.state_dict()
     if head_w is not None and not new_head:
-        if "head.weight" not in own or own["head.weight"].shape != head_w.shape:
+        # a head of another width is another model's, named with its other keys below
+        if "head.weight" not in own or own["head.weight"].shape[0] != head_w.shape[0]:
             theirs = head_w.shape[0]
             ours = own["head.weight"].shape[0] if "head.weight" in own else 0
             raise RecipeError(f"{source} has a {theirs}-class head but the model has {ours} classes; set "
@@ -65,11 +64,10 @@ def load_encoder(model: torch.nn.Module, source: str, new_head: bool, load_patch
             if k in own and own[k].shape != sd[k].shape:
                 raise RecipeError(f"{k} is {tuple(sd[k].shape)} in {source} but {tuple(own[k].shape)} here "
                                   "(another patch size?): set load_patch_embed=False to re-initialise it")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    allowed_missing = {k for k in own if k.startswith(("head.", "patch_embed.")) and k not in sd}
-    bad_missing = sorted(set(missing) - allowed_missing)
-    if bad_missing or unexpected:
-        raise RecipeError(f"{source} does not fit the model: missing {bad_missing[:8]}, unexpected {list(unexpected)[:8]}")
+    # a head or patch embedding left out above is new; any other missing, unexpected or
+    # mis-shaped key means another model's file, named in one line
+    missing = load_weights(model, sd, f"initial_checkpoint {source}", "the model",
+                           allow_missing=lambda k: k.startswith(("head.", "patch_embed.")) and k not in sd)
     report["new"] = sorted(missing)
     _log.info("initialised from %s (re-initialised: %s)", source, ", ".join(sorted(missing)) or "nothing")
     return report

@@ -37,7 +37,8 @@ from .. import run_folder
 from ..recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, RecipeError,
                       check_resume_compatible, check_values, load_recipe)
 from ..visualize import plot_panels
-from .data import check_path, eval_transform, make_loader, num_classes_of
+from ..data.decode import SkipCounter
+from .data import check_path, class_names_of, eval_transform, make_loader, num_classes_of
 from .init import load_encoder, timm_model_args
 
 _log = logging.getLogger("crate_alpha.classifier")
@@ -311,13 +312,14 @@ def _train(cfg: dict) -> dict:
     if mesh is not None:
         xla_rt.shard_module(model, mesh)
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    skipped = SkipCounter()  # images that do not decode: skipped, named, counted across the loader workers
     train_loader, n_train, sampler = make_loader(cfg["train_data"], _train_transform(cfg, mean, std), batch, True,
                                                  cfg["workers"], rank, world, cfg["seed"], cfg["train_num_samples"],
-                                                 prefetch_factor=cfg["prefetch_factor"])
+                                                 counter=skipped, prefetch_factor=cfg["prefetch_factor"])
     val_loader = None
     if cfg["val_data"] and rank == 0:
         val_loader, _, _ = make_loader(cfg["val_data"], eval_transform(cfg["img_size"], mean, std, cfg["crop_pct"]),
-                                       batch, False, cfg["workers"])
+                                       batch, False, cfg["workers"], counter=skipped)
     steps = max(n_train // gb, 1)
     lr = cfg["lr_base"] * gb / 256
     optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"],
@@ -407,7 +409,8 @@ def _train(cfg: dict) -> dict:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": num_updates, "epoch": epoch + 1, "loss": value, "lr": lr_now,
                                         **timing.interval()}) + "\n")
-        row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "seconds": time.time() - t0}
+        row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "seconds": time.time() - t0,
+               "skipped_images": skipped.count}
         if rank == 0:
             if val_loader is not None:
                 row.update(evaluate(ema.module if ema is not None else model, val_loader, device, amp_dtype))
@@ -416,6 +419,7 @@ def _train(cfg: dict) -> dict:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                      "num_updates": num_updates, "history": json.dumps(history),
                      "model_name": cfg["model"], "num_classes": num_classes, "image_size": cfg["img_size"],
+                     "class_names": class_names_of(cfg["train_data"]),  # cls-eval checks data against them
                      "recipe": json.dumps(cfg, default=str)}
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
@@ -423,7 +427,8 @@ def _train(cfg: dict) -> dict:
         if world > 1:
             dist.barrier()
     summary = {"seconds": time.time() - t0, "epochs": cfg["epochs"], "history": history,
-               "checkpoint": str(latest), "num_classes": num_classes, **timing.totals()}
+               "checkpoint": str(latest), "num_classes": num_classes, "skipped_images": skipped.count,
+               **timing.totals()}
     if history:
         summary.update({k: history[-1][k] for k in ("top1", "top5") if k in history[-1]})
     if metrics is not None:
