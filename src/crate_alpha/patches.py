@@ -55,7 +55,7 @@ import torch
 import webdataset as wds
 
 from . import xla as _xla
-from .data.decode import SkipCounter
+from .data.decode import FiniteRepeatPipeline, SkipCounter
 
 _log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ PATCHES = (
     ("open_clip_train.data", "wds", 'wds.decode("pilrgb"'),
     ("open_clip_train.data", "wds", "dataloader = wds.WebLoader("),
     ("open_clip_train.data", "wds", "wds.batched(args.batch_size, partial=not is_train)"),
+    ("open_clip_train.data", "wds", "wds.map_dict(image=preprocess_img"),
     ("clip_benchmark.models", "TYPE2FUNC", "load_func = TYPE2FUNC[model_type]"),
 )
 
@@ -333,7 +334,15 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
             for st in stages:
                 if isinstance(st, SeededShuffle) and epochs:
                     st.shared_epoch = epochs[0]
-            return wds.DataPipeline(*stages, **kwargs)
+            # its with_epoch repeats a worker's shards until it has its batches: shards that give
+            # none (empty, damaged) would be re-read forever, so a pass without a batch ends there
+            return FiniteRepeatPipeline(*stages, **kwargs)
+
+        @staticmethod
+        def map_dict(handler=None, **kwargs):
+            # with the fast decode the image transform decodes: a damaged or too large image is
+            # skipped and counted, as in webdataset's decode stage, not raised in the loader worker
+            return wds.map_dict(handler=handler or counter, **kwargs)
 
         @staticmethod
         def batched(batchsize, partial=True, **kwargs):

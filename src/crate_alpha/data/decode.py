@@ -19,19 +19,31 @@ decode plus antialiased bicubic resize costs ~2x OpenCV's (``make bench-data`` m
 both), and torchvision's ``RandomResizedCrop.get_params`` draws from torch's generator with
 a dozen tensor operations per crop (~0.1 ms, a sixth of the per-sample budget), so the
 same parameter search is done with Python's ``random`` (seeded per loader worker by torch).
+
+Shards are untrusted: an image's size is read from its header and checked against
+download's decompression-bomb limit before any decoding (neither the reduced-size path nor
+OpenCV has PIL's check), so a 17 KB PNG of 12000x12000 is a skipped sample, not 800 MB.
 """
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import math
 import random
 import struct
+import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import simplejpeg
 import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import group_by_keys, url_opener
+
+from .tarstream import tar_file_expander
 
 _log = logging.getLogger(__name__)
 Box = Tuple[int, int, int, int]  # top, left, height, width (torchvision's order)
@@ -39,6 +51,38 @@ _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_RE
             8: cv2.IMREAD_REDUCED_COLOR_8}
 # PIL (what open_clip's transform decodes with) ignores EXIF orientation; so must we
 _IGNORE_ORIENTATION = cv2.IMREAD_IGNORE_ORIENTATION
+
+
+# download's decompression-bomb limit (its max_image_area default): PIL's MAX_IMAGE_PIXELS,
+# 89.5 M px. PIL itself only warns between it and twice it; OpenCV's own limit is 1 G px.
+MAX_IMAGE_AREA = float(Image.MAX_IMAGE_PIXELS)
+
+
+def header_area(data: bytes) -> Optional[float]:
+    """Pixel count read from the image header, without decoding; None if PIL cannot parse it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return float(im.size[0] * im.size[1])
+        except Image.DecompressionBombError:
+            # over twice PIL's own limit: PIL refuses it at open, and so would the training loader
+            return float("inf")
+        except Exception:  # noqa: BLE001 - any header PIL cannot parse is not an image we can train on
+            return None
+
+
+def check_area(data: bytes, wh: Optional[Tuple[int, int]] = None) -> None:
+    """``ValueError`` unless the image's header gives a size within ``MAX_IMAGE_AREA``
+    (``wh``: a JPEG's size from ``image_size``; other formats are read by PIL)."""
+    area = float(wh[0] * wh[1]) if wh is not None else header_area(data)
+    if area is None:
+        raise ValueError("image does not decode (PIL cannot read its header)")
+    if area > MAX_IMAGE_AREA:
+        size = f"{wh[0]}x{wh[1]} px" if wh is not None else \
+            "over twice that" if math.isinf(area) else f"{area:.0f} px"
+        raise ValueError(f"image too large ({size}; the limit is {MAX_IMAGE_AREA:.0f} px, download's "
+                         "decompression-bomb limit): not decoded")
 
 
 def image_size(data: bytes) -> Optional[Tuple[int, int]]:
@@ -109,6 +153,7 @@ def decode_crop(data: bytes, size: int, box: Optional[Box] = None, scale=(0.9, 1
                 draft: bool = True) -> np.ndarray:
     """Decode ``data`` and return the (random or given) crop resized to size x size, RGB uint8 (H, W, 3)."""
     wh = header = image_size(data)
+    check_area(data, header)  # before any decoding
     rgb = None
     if wh is None:  # not a JPEG (PNG, WebP, ...): decoded whole
         rgb = _decode(data, 1)
@@ -220,11 +265,34 @@ class SkipCounter:
         return int(self.value.value)
 
 
+class FiniteRepeatPipeline(wds.DataPipeline):
+    """webdataset's ``DataPipeline``, whose repetition ends at the first pass that yields nothing.
+
+    ``with_epoch(n)`` (open_clip_train's training pipeline) repeats a loader worker's shards
+    up to ``sys.maxsize`` times until the worker has given ``n`` batches. Shards that give no
+    batch at all (empty, damaged, or fewer samples than a batch) would be read again forever,
+    and the training waits on that worker at "Start epoch 0"; every pass gives as many
+    batches as the first, so a pass without any ends the worker's epoch instead.
+    """
+
+    def iterator(self):
+        for _ in range(self.repetitions):
+            empty = True
+            for sample in self.iterator1():
+                empty = False
+                yield sample
+            if empty:
+                return
+
+
+def _tar_samples(src, handler):
+    """webdataset's ``tarfile_to_samples`` over the training loader's tar reader (``tarstream``)."""
+    return group_by_keys(tar_file_expander(url_opener(src, handler=handler), handler=handler), handler=handler)
+
+
 def shard_loader(urls, image_transform: Callable, text_transform: Callable = lambda s: s,
                  batch_size: int = 32, counter: Optional[SkipCounter] = None, image_keys="jpg;jpeg;png;webp"):
     """Batches of (images, texts) from webdataset shards; damaged samples are skipped and counted."""
-    import webdataset as wds
-
     handler = counter if counter is not None else SkipCounter()
 
     def decode_text(b: bytes) -> str:
@@ -235,7 +303,7 @@ def shard_loader(urls, image_transform: Callable, text_transform: Callable = lam
 
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(handler=handler),
+        functools.partial(_tar_samples, handler=handler),
         wds.to_tuple(image_keys, "txt", handler=handler),
         wds.map_tuple(image_transform, decode_text, handler=handler),
         wds.batched(batch_size, partial=True),

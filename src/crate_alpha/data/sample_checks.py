@@ -19,19 +19,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import io
 import os
-import warnings
 from typing import Iterator, List, Optional
 from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
-from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations: no update check
 from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
+
+# the header reading the training loader's decode and ``data verify`` use too: one function,
+# so that download, verify and training agree on which images are too large
+from .decode import header_area  # noqa: E402
 
 # img2dataset's package namespace exports functions named like its modules ("main",
 # "download"), so the modules whose globals are swapped are taken from importlib.
@@ -58,20 +59,6 @@ def hash_matches(data: bytes, expected) -> bool:
     if expected is None or not str(expected).strip():
         return True
     return hashlib.sha256(data).hexdigest() == str(expected).strip().lower()
-
-
-def header_area(data: bytes) -> Optional[float]:
-    """Pixel count read from the image header, without decoding; None if PIL cannot parse it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return float(im.size[0] * im.size[1])
-        except Image.DecompressionBombError:
-            # over twice PIL's own limit: PIL refuses it at open, and so would the training loader
-            return float("inf")
-        except Exception:  # noqa: BLE001 - any header PIL cannot parse is not an image we can train on
-            return None
 
 
 class HeaderCheckedResizer(Resizer):

@@ -3,19 +3,25 @@
 Samples are grouped exactly as webdataset groups them (its own ``base_plus_ext`` split, a
 sample is a run of adjacent members with one key), so what is reported here is what the
 training loader will see: a duplicate member that webdataset raises on, a name that it
-silently drops, a key that comes back as a second sample.
+silently drops, a key that comes back as a second sample. Members are read by the training
+loader's own tar reader (``tarstream``) and images are checked against its pixel limit
+before they are decoded, so a shard is damaged here exactly where the loader skips it.
 """
 from __future__ import annotations
 
 import io
 import os
 import posixpath
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 from . import storage
+from .decode import check_area, image_size
+from .tarstream import tar_members
 
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
@@ -32,6 +38,10 @@ ADVICE = {
             "(webdataset raises on duplicate members and silently drops or splits the others)",
     "caption": "the metadata had no caption for these rows, so fetching again cannot help: drop the samples, "
                "or pass --no-caption if you train without captions (download drops such rows itself)",
+    "empty": "the shard holds no sample (every row of it failed to download, or it was written empty): "
+             "leave it out of train_data, or re-download it as above",
+    "file": "not a regular file (a named pipe, a device or a folder named *.tar): this pipeline never writes one; "
+            "move it out of the shard folder",
 }
 
 
@@ -54,6 +64,10 @@ class ShardReport:
 
 def _check_image(data: bytes) -> str:
     try:
+        check_area(data, image_size(data))  # the loader's limit, from the header: a bomb is not decoded here either
+    except ValueError as e:
+        return str(e)
+    try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # full decode: a truncated file raises here
     except Exception as e:  # noqa: BLE001 - any decoder error means "does not decode"
@@ -68,18 +82,15 @@ def _unsafe(name: str) -> bool:
 def verify_shard(path: storage.Where, require_caption: bool = True) -> ShardReport:
     """Check one shard, a local path or an fsspec URL (read as a stream, as the loader reads it)."""
     rep = ShardReport(shard=os.path.basename(str(path).rstrip("/")))
+    not_file = _not_a_file(path)
+    if not_file:  # opening a named pipe would wait for a writer forever
+        rep.flag("file", f"(file): {not_file}, not a shard")
+        return rep
     groups: List[tuple] = []   # (key, {ext: bytes}, [problems])
     seen_keys: Dict[str, int] = {}
     try:
-        with storage.open_read(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {name} is cut short")
+        with storage.open_read(path) as stream:
+            for name, data in tar_members(stream):
                 if _unsafe(name):
                     rep.flag("name", f"{name}: member name points outside the shard")
                     continue
@@ -123,7 +134,25 @@ def verify_shard(path: storage.Where, require_caption: bool = True) -> ShardRepo
         rep.problems += [f"{key}: {p}" for p in problems]
         rep.usable += not problems
     rep.samples = len(groups)
+    if not groups and rep.ok:
+        rep.flag("empty", "(tar): no samples: the shard is empty")
     return rep
+
+
+def _not_a_file(path: storage.Where) -> str:
+    """What a local ``path`` is if not a regular file ("a named pipe", ...), else ""."""
+    fs, local = storage.location(path)
+    if not isinstance(fs, LocalFileSystem):
+        return ""  # object stores hold only files
+    try:
+        mode = os.stat(local).st_mode
+    except OSError:
+        return ""  # opening it reports what is wrong
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 def verify_folder(folder: storage.Where, require_caption: bool = True) -> List[ShardReport]:
