@@ -22,12 +22,13 @@ def test_open_clip_train_patches_take_effect():
     import open_clip_train.main as main
 
     from crate_alpha.data.decode import SkipCounter
-    from crate_alpha.patches import SeededShuffle, cpu_safe_ddp, install
+    from crate_alpha.patches import SeededShuffle, _whole_save, cpu_safe_ddp, install
 
     counter = SkipCounter()
     install(counter, fast_decode=True)
     assert main.torch.nn.parallel.DistributedDataParallel is cpu_safe_ddp
-    assert main.torch.save is __import__("torch").save  # open_clip_train's own (atomic latest) saving stays
+    # open_clip_train's saving, each file written beside its name and renamed (whole or absent)
+    assert main.torch.save is _whole_save
     assert isinstance(data.wds.shuffle(100), SeededShuffle)
     # installed once per process: a later install counts into its own counter's shared value
     assert data.tarfile_to_samples_nothrow.__defaults__[0].value is counter.value

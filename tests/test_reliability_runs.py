@@ -14,7 +14,6 @@ import torch
 
 from crate_alpha import cli, clip_trainer, run_folder
 from crate_alpha.classifier import trainer as cls_trainer
-from crate_alpha.common import CrateAlphaError
 from crate_alpha.recipe import RecipeError
 from crate_alpha.whitebox import WhiteboxError, diagnose, explain
 

@@ -7,6 +7,7 @@ is each check's peak above its start (the child's ru_maxrss), as a bound that a 
 breaks by far (the unfixed readers took 0.8-2 GB), never as a timing.
 """
 import io
+import json
 import logging
 import os
 import pickle
@@ -18,6 +19,7 @@ import tarfile
 import zlib
 
 import pytest
+import torch
 from PIL import Image
 
 from crate_alpha.common import CrateAlphaError, check_shards, count_samples
@@ -190,6 +192,29 @@ def test_open_clip_train_loader_ends_with_an_empty_shard(tmp_path):
     assert _forked(batches)[0] == 3  # the good shard's 6 samples; the empty one's worker ends its epoch
 
 
+def test_classifier_shard_loader_ends_with_an_empty_and_a_hostile_shard(tmp_path):
+    # cls-train's shard pipeline: the same finite repetition and the same tar reader as the CLIP loader
+    d = tmp_path / "shards"
+    d.mkdir()
+    write_tar(d / "00000.tar", [(f"a{i}", {"jpg": jpeg_bytes(i), "cls": b"1"}) for i in range(6)])
+    write_tar(d / "00001.tar", [])
+    # a member claiming far more than the shard holds: damage, read in bounded pieces
+    header = tarfile.TarInfo("b0.jpg")
+    header.size = 1 << 30
+    (d / "00002.tar").write_bytes(header.tobuf(format=tarfile.USTAR_FORMAT) + b"x" * 600)
+
+    def batches():
+        from crate_alpha.classifier.data import make_loader
+
+        counter = SkipCounter()
+        loader, _, _ = make_loader(f"{d}/{{00000..00002}}.tar", lambda im: torch.zeros(3, 8, 8), batch_size=2,
+                                   train=True, workers=3, num_samples=12, counter=counter)
+        return sum(1 for _ in loader), counter.count
+
+    (n, skipped), extra_mb = _forked(batches)
+    assert n == 2 and skipped == 1 and extra_mb < 200  # 12 samples over 3 workers: 2 batches of the good shard's
+
+
 def test_verify_and_count_call_an_empty_shard_empty(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()
@@ -203,6 +228,12 @@ def test_verify_and_count_call_an_empty_shard_empty(tmp_path):
     assert count_samples([str(d / "00000.tar"), str(d / "00001.tar")]) == 3
     with pytest.raises(CrateAlphaError, match=r"the shards hold no samples \(1 shard\(s\), e.g. .*00001.tar\)"):
         count_samples([str(d / "00001.tar")])
+    # img2dataset writes a shard whose every row failed as an empty tar, with statistics saying so:
+    # that is download's output, noted, not damage
+    (d / "00001_stats.json").write_text(json.dumps({"count": 5, "successes": 0, "failed_to_download": 5}))
+    noted = {r.shard: r for r in verify_mod.verify_folder(d)}["00001.tar"]
+    assert noted.ok and noted.notes == ["(tar): no samples: all 5 rows of it failed to download (training skips it)"]
+    assert "00001.tar: note: (tar): no samples" in verify_mod.format_report([noted])
 
 
 # ---- 9: header sizes are not allocated before the data exists ------------------------------------

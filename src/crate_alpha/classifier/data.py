@@ -17,7 +17,7 @@ from PIL import Image
 from timm.data import create_transform
 
 from ..common import CrateAlphaError, check_shards, count_samples
-from ..data.decode import SkipCounter
+from ..data.decode import FiniteRepeatPipeline, SkipCounter, tar_samples
 from ..recipe import RecipeError
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
@@ -169,13 +169,17 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
     n = int(num_samples or count_samples(urls))
     stages = [wds.SimpleShardList(urls)]
     if train:
-        stages += [wds.shuffle(len(urls))]
-    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=handler)]
+        # the same order in every worker (seed and pass), so that split_by_worker gives each shard to
+        # exactly one worker (an unseeded shuffle per worker dropped some shards and doubled others)
+        stages += [wds.detshuffle(len(urls), seed=seed)]
+    stages += [wds.split_by_node, wds.split_by_worker, tar_samples(handler)]  # the CLIP loader's tar reader
     if train:
         stages += [wds.shuffle(1000, initial=100)]
     stages += [wds.map(decode_sample, handler=handler), wds.map_tuple(transform, int, handler=handler),
                wds.batched(batch_size, partial=not train)]
-    ds = wds.DataPipeline(*stages)
+    # with_epoch below repeats a worker's shards until it has its batches: shards that give none
+    # (empty or damaged) would be re-read forever; a pass without a batch ends that worker's epoch
+    ds = FiniteRepeatPipeline(*stages)
     steps = math.ceil(n / (batch_size * world)) if not train else n // (batch_size * world)
     if train:
         ds = ds.with_epoch(max(steps // max(workers, 1), 1) if workers else steps)

@@ -290,6 +290,11 @@ def _tar_samples(src, handler):
     return group_by_keys(tar_file_expander(url_opener(src, handler=handler), handler=handler), handler=handler)
 
 
+def tar_samples(handler):
+    """A pipeline stage: ``wds.tarfile_to_samples(handler=...)`` read by ``tarstream`` (bounded reads, checked headers)."""
+    return functools.partial(_tar_samples, handler=handler)
+
+
 def shard_loader(urls, image_transform: Callable, text_transform: Callable = lambda s: s,
                  batch_size: int = 32, counter: Optional[SkipCounter] = None, image_keys="jpg;jpeg;png;webp"):
     """Batches of (images, texts) from webdataset shards; damaged samples are skipped and counted."""

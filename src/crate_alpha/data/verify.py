@@ -10,12 +10,14 @@ before they are decoded, so a shard is damaged here exactly where the loader ski
 from __future__ import annotations
 
 import io
+import json
 import os
 import posixpath
+import re
 import stat
 import tarfile
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from . import storage
 from .decode import check_area, image_size
@@ -52,6 +54,7 @@ class ShardReport:
     usable: int = 0    # samples without any problem
     problems: List[str] = field(default_factory=list)  # "key: what is wrong"
     kinds: set = field(default_factory=set)            # keys of ADVICE that apply
+    notes: List[str] = field(default_factory=list)     # what is worth knowing but not damage
 
     @property
     def ok(self) -> bool:
@@ -135,8 +138,25 @@ def verify_shard(path: storage.Where, require_caption: bool = True) -> ShardRepo
         rep.usable += not problems
     rep.samples = len(groups)
     if not groups and rep.ok:
-        rep.flag("empty", "(tar): no samples: the shard is empty")
+        failed = _all_rows_failed(path)
+        if failed is not None:  # img2dataset writes a shard whose every row failed as an empty tar: its output, not damage
+            rep.notes.append(f"(tar): no samples: all {failed} rows of it failed to download (training skips it)")
+        else:
+            rep.flag("empty", "(tar): no samples: the shard is empty")
     return rep
+
+
+def _all_rows_failed(path: storage.Where) -> Optional[int]:
+    """The row count of ``path``'s img2dataset statistics when they record no success, else None."""
+    stats = re.sub(r"\.tar$", "_stats.json", str(path))
+    try:
+        with storage.open_read(stats) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("successes") != 0:
+        return None
+    return int(record.get("count") or 0)
 
 
 def _not_a_file(path: storage.Where) -> str:
@@ -172,6 +192,7 @@ def format_report(reports: List[ShardReport]) -> str:
         status = "ok" if r.ok else f"{len(r.problems)} problem(s)"
         lines.append(f"{r.shard:<{width}}  {r.samples:7d}  {r.usable:7d}  {status}")
         lines += [f"    {r.shard}: {p}" for p in r.problems]
+        lines += [f"    {r.shard}: note: {n}" for n in r.notes]
     total = sum(r.samples for r in reports)
     usable = train_num_samples(reports)
     bad = sum(len(r.problems) for r in reports)
