@@ -31,3 +31,17 @@ def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "data"
     info = build_demo(out)
     return out, info
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Fails a test whose command builds a model before it has checked its input."""
+    import open_clip
+    import timm
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built before the input was checked")
+
+    for module, name in ((open_clip, "create_model"), (open_clip, "create_model_and_transforms"),
+                         (timm, "create_model")):
+        monkeypatch.setattr(module, name, refuse)

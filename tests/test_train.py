@@ -75,15 +75,6 @@ def test_demo_recipes_are_variants_of_the_paper_recipes():
     assert demo["model"] == "crate-alpha-demo" and demo["name"] == "clipa_crate_alpha_L14_84_pretrain-demo"
 
 
-@pytest.fixture
-def no_model_build(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a model was built before the data was checked")
-
-    monkeypatch.setattr(open_clip, "create_model", refuse)
-    monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
-
-
 def test_missing_data_fails_first(tmp_path, no_model_build):
     missing = tmp_path / "nowhere" / "{00000..00003}.tar"
     with pytest.raises(CrateAlphaError, match=f"{tmp_path / 'nowhere'}.*does not exist"):
