@@ -48,7 +48,7 @@ INSTALL_REQUIRES = [
     "clip-benchmark>=1.6.2,<1.7",
     "img2dataset>=1.47,<2",
     "scikit-learn",
-    "scipy",  # crate_alpha.interpret: the generalised eigensolver and connected components of MaskCut
+    "scipy",  # crate_alpha.whitebox.interpret: the generalised eigensolver and connected components of MaskCut
     "pandas",
     "pyarrow",
     "pillow",

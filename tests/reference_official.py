@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 # The official operators live in the library, where the benchmark runs them too.
-from crate_alpha.official import ista as _ista, mssa as _mssa
+from crate_alpha.models.official import ista as _ista, mssa as _mssa
 
 
 def classifier_forward(sd, images, heads):

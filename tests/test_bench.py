@@ -7,9 +7,9 @@ import timm
 import torch
 
 import crate_alpha  # noqa: F401
-from crate_alpha import bench
-from crate_alpha.crate_alpha import MSSA, ODL
-from crate_alpha.official import EinsumMSSA, EinsumODL, official_form
+from crate_alpha.apps import bench
+from crate_alpha.models.crate_alpha import MSSA, ODL
+from crate_alpha.models.official import EinsumMSSA, EinsumODL, official_form
 from conftest import rel_err
 
 DEMO = "crate_alpha_demo_patch8_64"
@@ -82,7 +82,7 @@ def test_quick_bench_writes_every_row(tmp_path):
 
 
 def test_clipa_resolution_effect(tmp_path):
-    from crate_alpha.bench import clipa_resolution, plot_clipa
+    from crate_alpha.apps.bench import clipa_resolution, plot_clipa
 
     result = clipa_resolution("crate-alpha-demo", (16, 32), batch=2, device=torch.device("cpu"))
     low, high = result["rows"]

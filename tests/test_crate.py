@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import crate_alpha
 from crate_alpha import ISTA, Crate, CrateAlpha
-from crate_alpha.crate import ABLATION_LADDER, CrateBlock, checkpoint_filter_fn, list_crate_models
+from crate_alpha.models.crate import ABLATION_LADDER, CrateBlock, checkpoint_filter_fn, list_crate_models
 from conftest import rel_err
 
 # --------------------------------------------------------------------------------------

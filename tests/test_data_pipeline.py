@@ -378,7 +378,7 @@ def test_cached_tokenizer_gives_open_clips_ids():
 def test_open_clip_train_loader_throughput(tmp_path):
     # open_clip_train's own loader, with the patches, one worker: every sample arrives, in
     # shared memory, normalised like open_clip's own path
-    from crate_alpha.data.bench import _demo_shards, _replicate, loader_throughput, train_loader
+    from crate_alpha.apps.bench_data import _demo_shards, _replicate, loader_throughput, train_loader
 
     urls = _replicate(_demo_shards(tmp_path, 40, 64)[0], 2)
     means = []
@@ -398,7 +398,7 @@ def test_open_clip_train_loader_throughput(tmp_path):
 
 def test_batch_normalize_equals_per_image():
     from crate_alpha.data.decode import BatchNormalize, ToNormalizedTensor, ToUint8Tensor
-    from crate_alpha.patches import NormalizedLoader
+    from crate_alpha.clip.patches import NormalizedLoader
 
     mean, std = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
     rgbs = [np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8) for i in range(3)]
@@ -483,7 +483,7 @@ def test_cli_errors_name_the_path(tmp_path):
 
 
 def test_input_stage_profile(tmp_path):
-    from crate_alpha.data.bench import plot_profile, profile_stages
+    from crate_alpha.apps.bench_data import plot_profile, profile_stages
 
     prof = profile_stages(32, 64, samples=16, batch=8)
     stages = prof["seconds_per_sample"]

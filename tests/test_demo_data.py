@@ -38,7 +38,7 @@ def test_fresh_deletes_only_run_folders_the_demo_wrote(tmp_path):
     import pytest
 
     from crate_alpha.common import CrateAlphaError
-    from crate_alpha.demo import DEMO_RUN, clear_runs
+    from crate_alpha.apps.demo import DEMO_RUN, clear_runs
     from crate_alpha.data.ownership import mark
 
     ours, theirs, missing = tmp_path / "scratch", tmp_path / "clip_init", tmp_path / "none"

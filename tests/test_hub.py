@@ -18,7 +18,7 @@ import torch
 
 import reference_official as ref
 from conftest import FIXTURES
-from crate_alpha import released
+from crate_alpha.models import released
 from hub_server import serve_hub
 
 TESTS = Path(__file__).resolve().parent
@@ -78,7 +78,7 @@ def _big_vision_release_file(dest):
 EVERY_TAG = r"""
 import json, numpy as np, timm, torch
 from conftest import FIXTURES, rel_err
-from crate_alpha import released
+from crate_alpha.models import released
 
 cls_io = torch.load(FIXTURES / "official_torch" / "crate_alpha_cls_shared.io.pt", weights_only=True)
 clipa_io = torch.load(FIXTURES / "official_torch" / "crate_alpha_clipa_shared.io.pt", weights_only=True)
@@ -239,7 +239,7 @@ def test_zeroshot_eval_on_the_converted_clipa_fixture(demo_data, tmp_path):
 
 @pytest.mark.parametrize("ref_name", ["crate-alpha-CLIPA-L-14", "hf://OWNER/REPO"])
 def test_reference_parsing(ref_name):
-    from crate_alpha import hub
+    from crate_alpha.convert import hub
 
     if ref_name.startswith("hf://"):
         with pytest.raises(hub.HubError, match="hf://OWNER/REPO"):

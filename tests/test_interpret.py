@@ -1,4 +1,4 @@
-"""crate_alpha.interpret: the forward walker, the graph cut, the objectives, on tiny models and synthetic data."""
+"""crate_alpha.whitebox.interpret: the forward walker, the graph cut, the objectives, on tiny models and synthetic data."""
 import math
 
 import numpy as np
@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import crate_alpha
-from crate_alpha import interpret
+from crate_alpha.whitebox import interpret
 from crate_alpha.convert import convert_official_torch
-from crate_alpha.interpret import BlockTrace, Trace
+from crate_alpha.whitebox.interpret import BlockTrace, Trace
 
 TINY = "crate_alpha_custom.w32_d2_h2_patch8_32"  # a shape name: registered on demand
 
@@ -205,7 +205,7 @@ def test_layer_diagnostics_on_a_model_with_known_dictionaries(tiny):
 
 
 class _Ista(nn.Module):
-    """CRATE's ISTA step, as described for crate_alpha.crate (duck-typed: ``weight``, no ``D``)."""
+    """CRATE's ISTA step, as described for crate_alpha.models.crate (duck-typed: ``weight``, no ``D``)."""
 
     def __init__(self, d, eta=0.1, lmbda=0.1):
         super().__init__()
@@ -249,8 +249,8 @@ def test_crate_ista_blocks_by_duck_typing(tiny):
 
 @pytest.mark.parametrize("size", [64, 96])
 def test_the_crate_module(size):
-    """The original CRATE (crate_alpha.crate): its non-convolutional patch embedding, ISTA blocks, any size."""
-    crate = pytest.importorskip("crate_alpha.crate")
+    """The original CRATE (crate_alpha.models.crate): its non-convolutional patch embedding, ISTA blocks, any size."""
+    crate = pytest.importorskip("crate_alpha.models.crate")
     model = timm.create_model("crate_demo_patch8_64", depth=2).eval()
     assert isinstance(model, crate.Crate)
     x = _images(2, size)

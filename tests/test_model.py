@@ -169,7 +169,7 @@ def test_timm_registry_is_left_as_timm_made_it():
     from timm.models import _registry
     assert type(_registry._model_entrypoints) is dict
     for name in ALL_TIMM:
-        assert timm.models.model_entrypoint(name).__module__ == "crate_alpha.crate_alpha"
+        assert timm.models.model_entrypoint(name).__module__ == "crate_alpha.models.crate_alpha"
 
 
 def test_custom_shape_name_needs_no_registration():
@@ -243,10 +243,10 @@ def test_pretrained_cfg_complete(name):
     assert len(cfg["mean"]) == len(cfg["std"]) == 3 and 0 < cfg["crop_pct"] <= 1
     assert timm.get_pretrained_cfg_value(name, "input_size") == cfg["input_size"]
     # a name with released weights: its default tag is the first released file; other names have no source
-    released_files = [r.path for r in crate_alpha.released.RELEASES if r.model == name]
+    released_files = [r.path for r in crate_alpha.models.released.RELEASES if r.model == name]
     assert timm.models.is_model_pretrained(name) == bool(released_files) and not cfg.get("url")
     if released_files:
-        assert cfg["hf_hub_id"] == crate_alpha.released.REPO and cfg["hf_hub_filename"] == released_files[0]
+        assert cfg["hf_hub_id"] == crate_alpha.models.released.REPO and cfg["hf_hub_filename"] == released_files[0]
         assert cfg["license"] == "apache-2.0"
     else:
         assert not cfg.get("hf_hub_id")

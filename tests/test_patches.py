@@ -1,4 +1,4 @@
-"""Each patch of another library's attribute (crate_alpha.patches) fails here when the attribute moves."""
+"""Each patch of another library's attribute (crate_alpha.clip.patches) fails here when the attribute moves."""
 import importlib
 import inspect
 
@@ -7,13 +7,13 @@ import pytest
 import timm
 
 import crate_alpha
-from crate_alpha.patches import PATCHES
+from crate_alpha.clip.patches import PATCHES
 
 
 @pytest.mark.parametrize("module,attribute,use", PATCHES, ids=[f"{m}.{a}" for m, a, _ in PATCHES])
 def test_patched_attribute_is_where_the_patch_expects_it(module, attribute, use):
     mod = importlib.import_module(module)
-    assert hasattr(mod, attribute), f"{module}.{attribute} moved: crate_alpha.patches must follow it"
+    assert hasattr(mod, attribute), f"{module}.{attribute} moved: crate_alpha.clip.patches must follow it"
     assert use in inspect.getsource(mod), f"{module} no longer uses {attribute} as `{use}`"
 
 
@@ -22,7 +22,7 @@ def test_open_clip_train_patches_take_effect():
     import open_clip_train.main as main
 
     from crate_alpha.data.decode import SkipCounter
-    from crate_alpha.patches import SeededShuffle, _whole_save, cpu_safe_ddp, install
+    from crate_alpha.clip.patches import SeededShuffle, _whole_save, cpu_safe_ddp, install
 
     counter = SkipCounter()
     install(counter, fast_decode=True)
@@ -47,7 +47,7 @@ def test_loader_prefetch_and_shared_memory_collation():
     import webdataset as wds
 
     from crate_alpha.data.decode import SkipCounter
-    from crate_alpha.patches import install
+    from crate_alpha.clip.patches import install
 
     install(SkipCounter(), fast_decode=True, prefetch_factor=5)
     pipeline = wds.DataPipeline(lambda: iter([(torch.ones(3), torch.zeros(2))] * 4), data.wds.batched(2))
@@ -71,7 +71,7 @@ def test_no_private_registry_is_replaced():
 def test_compiled_model_type_for_clip_benchmark():
     from clip_benchmark import models
 
-    from crate_alpha.patches import COMPILED_OPEN_CLIP, register_compiled_open_clip
+    from crate_alpha.clip.patches import COMPILED_OPEN_CLIP, register_compiled_open_clip
 
     register_compiled_open_clip()
     register_compiled_open_clip()  # twice: registered once

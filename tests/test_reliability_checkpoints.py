@@ -147,7 +147,7 @@ def test_cls_eval_refuses_data_of_other_classes(capsys, tmp_path):
 def test_bad_checkpoints_are_one_line_everywhere(capsys, tmp_path):
     from crate_alpha.classifier.init import load_encoder
     from crate_alpha.classifier.trainer import build_model
-    from crate_alpha.clip_trainer import load, prepare_init
+    from crate_alpha.clip.trainer import load, prepare_init
     from crate_alpha.common import CrateAlphaError
 
     classifier = build_model({"model": TINY, "img_size": 32, "drop_path": 0.0}, 3)
@@ -173,7 +173,7 @@ def test_bad_checkpoints_are_one_line_everywhere(capsys, tmp_path):
 def test_another_models_checkpoint_is_named_in_one_line(capsys, tmp_path):
     from crate_alpha.classifier.init import load_encoder
     from crate_alpha.classifier.trainer import build_model
-    from crate_alpha.clip_trainer import load, prepare_init
+    from crate_alpha.clip.trainer import load, prepare_init
     from crate_alpha.common import CrateAlphaError
 
     # a classifier of another width: as initial_checkpoint and as a cls-eval checkpoint

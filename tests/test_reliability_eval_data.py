@@ -48,7 +48,7 @@ def _val(tmp_path):
 
 
 def test_imagenet_cache_never_replaces_user_files(tmp_path):
-    from crate_alpha.zeroshot import EvalError, imagenet_root
+    from crate_alpha.clip.zeroshot import EvalError, imagenet_root
 
     val = _val(tmp_path)
     user = tmp_path / "mine"
@@ -217,8 +217,8 @@ def _coco(tmp_path, anns, images=None):
 
 
 def test_coco_without_ground_truth_is_named(tmp_path):
-    from crate_alpha.segment_eval import coco_maskcut_ap
-    from crate_alpha.whitebox import WhiteboxError
+    from crate_alpha.whitebox.segment_eval import coco_maskcut_ap
+    from crate_alpha.whitebox.commands import WhiteboxError
 
     ann = _coco(tmp_path, [])
     with pytest.raises(WhiteboxError, match=f"{ann} has no ground-truth objects"):
@@ -229,8 +229,8 @@ def test_coco_without_ground_truth_is_named(tmp_path):
 
 
 def test_coco_damage_names_the_file_and_the_field(tmp_path):
-    from crate_alpha.segment_eval import coco_maskcut_ap
-    from crate_alpha.whitebox import WhiteboxError
+    from crate_alpha.whitebox.segment_eval import coco_maskcut_ap
+    from crate_alpha.whitebox.commands import WhiteboxError
 
     good = {"id": 1, "image_id": 1, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0,
             "segmentation": [[0, 0, 5, 0, 5, 5]]}
@@ -250,9 +250,9 @@ def test_coco_damage_names_the_file_and_the_field(tmp_path):
 
 
 def test_segment_eval_out_is_checked_first(tmp_path, monkeypatch):
-    from crate_alpha import interpret
-    from crate_alpha.segment_eval import segment_eval
-    from crate_alpha.whitebox import WhiteboxError
+    from crate_alpha.whitebox import interpret
+    from crate_alpha.whitebox.segment_eval import segment_eval
+    from crate_alpha.whitebox.commands import WhiteboxError
 
     def never(*a, **k):
         raise AssertionError("evaluated before the output place was checked")
@@ -281,7 +281,7 @@ def _result(path, acc=0.5):
 
 
 def test_zeroshot_table_refuses_non_results_and_keeps_the_name(tmp_path):
-    from crate_alpha.zeroshot import EvalError, results_table
+    from crate_alpha.clip.zeroshot import EvalError, results_table
 
     good = _result(tmp_path / "r.json")
     for name, text in [("other.json", '{"hello": 1}'), ("list.json", "[1, 2]"), ("bad.json", "{")]:

@@ -11,10 +11,12 @@ import pytest
 import timm
 import torch
 
-from crate_alpha import cli, clip_trainer, run_folder
+from crate_alpha import cli, run_folder
+
+from crate_alpha.clip import trainer as clip_trainer
 from crate_alpha.classifier import trainer as cls_trainer
 from crate_alpha.recipe import RecipeError
-from crate_alpha.whitebox import WhiteboxError, diagnose, explain
+from crate_alpha.whitebox.commands import WhiteboxError, diagnose, explain
 
 DEMO_PRETRAIN = "clipa_crate_alpha_L14_84_pretrain:demo"
 CLS_SCRATCH = "cls_crate_alpha_B16_in21k_pretrain:demo"
@@ -194,7 +196,7 @@ def test_a_full_disk_leaves_no_truncated_checkpoint(tmp_path):
     code = textwrap.dedent(f"""
         import resource, signal, sys, torch
         from crate_alpha.common import CrateAlphaError, save_checkpoint
-        from crate_alpha.patches import _torch_for_open_clip_train
+        from crate_alpha.clip.patches import _torch_for_open_clip_train
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit gives EFBIG instead of a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
         big = {{"state_dict": {{"w": torch.zeros(100_000)}}}}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from crate_alpha import segment_demo as sd
+from crate_alpha.apps import segment_demo as sd
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def test_open_clip_train_loader_ends_with_an_empty_shard(tmp_path):
 
         import open_clip_train.data as data
 
-        from crate_alpha.patches import BytesOrImage, install
+        from crate_alpha.clip.patches import BytesOrImage, install
 
         install(SkipCounter(), fast_decode=True)
         args = types.SimpleNamespace(train_data=f"{d}/{{00000..00001}}.tar", train_num_samples=12, batch_size=2,
@@ -336,7 +336,7 @@ def test_a_named_pipe_is_not_opened(tmp_path):
 # ---- 22: the sample count over damaged shards and stats ------------------------------------------
 
 def test_sample_count_over_a_non_tar_shard_and_bad_stats(tmp_path, caplog):
-    from crate_alpha import clip_trainer
+    from crate_alpha.clip import trainer as clip_trainer
 
     d = tmp_path / "shards"
     d.mkdir()

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import crate_alpha
-from crate_alpha.clip_trainer import OPEN_CLIP_TRAIN_FLAGS, load, prepare_init, run, schedule
+from crate_alpha.clip.trainer import OPEN_CLIP_TRAIN_FLAGS, load, prepare_init, run, schedule
 from crate_alpha.common import CrateAlphaError
 from crate_alpha.recipe import RecipeError
-from crate_alpha.zeroshot import clip_benchmark_eval
+from crate_alpha.clip.zeroshot import clip_benchmark_eval
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -60,7 +60,7 @@ def test_recipe_keys_are_open_clip_train_flags():
     known = vars(parse_args(["--model", "x"]))
     assert [k for k in (*OPEN_CLIP_TRAIN_FLAGS, "epochs") if k not in known] == []
     cfg = load(DEMO_PRETRAIN, ["train_data=x.tar", "torchcompile=True", "wd=0.05"])
-    from crate_alpha.clip_trainer import open_clip_args
+    from crate_alpha.clip.trainer import open_clip_args
     args = open_clip_args(cfg, {"batch_size": 8, "lr": 1e-3, "warmup": 1, "epochs": 1}, 64, None)
     parsed = parse_args(args)  # open_clip_train itself reads what the recipe says
     assert parsed.torchcompile and parsed.wd == 0.05 and parsed.grad_clip_norm == 1.0
@@ -183,7 +183,7 @@ def test_two_runs_in_one_process_keep_separate_logs(demo_data, tmp_path):
 
 
 def test_sample_shuffle_follows_the_seed():
-    from crate_alpha.patches import SeededShuffle
+    from crate_alpha.clip.patches import SeededShuffle
 
     def order(seed):
         torch.manual_seed(seed)

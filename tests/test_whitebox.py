@@ -6,7 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from crate_alpha import cli, interpret, segment_eval
+from crate_alpha import cli
+
+from crate_alpha.whitebox import interpret
+
+from crate_alpha.whitebox import segment_eval
 from crate_alpha.convert import convert_official_torch
 
 
@@ -89,7 +93,7 @@ def test_diagnose_writes_json_and_png(fixture_model, photos, tmp_path):
     for r in res["layers"]:
         assert r["coding_rate"] > 0 and 0 < r["sparsity"] <= 1 and r["recon_error"] > 0
     # the same numbers as the library on the same batch
-    from crate_alpha.whitebox import normalisation, prepare, read_images
+    from crate_alpha.whitebox.commands import normalisation, prepare, read_images
 
     enc = interpret.encoder(fixture_model)
     mean, std, size = normalisation(fixture_model, enc)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from crate_alpha.zeroshot import EvalError, clip_benchmark_eval, imagenet_root, results_table
+from crate_alpha.clip.zeroshot import EvalError, clip_benchmark_eval, imagenet_root, results_table
 
 
 def test_imagenet_root_from_plain_val_folder(tmp_path):
@@ -93,7 +93,7 @@ def test_zeroshot_retrieval_through_clip_benchmark(demo_data, tmp_path):
 def test_attention_maps_and_curves(tmp_path):
     import open_clip
 
-    from crate_alpha.interpret import attention
+    from crate_alpha.whitebox.interpret import attention
     from crate_alpha.visualize import open_clip_losses, plot_attention, plot_curves
 
     trunk = open_clip.create_model("crate-alpha-demo").visual.trunk

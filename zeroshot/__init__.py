@@ -1,4 +1,4 @@
 """Zero-shot evaluation through clip_benchmark: ``python -m zeroshot``, the same as ``crate-alpha zeroshot``.
 
-The code lives in ``crate_alpha.zeroshot``.
+The code lives in ``crate_alpha.clip.zeroshot``.
 """

@@ -8,7 +8,7 @@ hook ``_crate_alpha_autoload``; ``CRATE_ALPHA_AUTOLOAD=0`` turns it off).
 """
 from pathlib import Path
 
-from .crate_alpha import (
+from .models.crate_alpha import (
     CRATE_ALPHA_SIZES,
     MSSA,
     ODL,
@@ -21,7 +21,7 @@ from .crate_alpha import (
     variant_args,
     variant_name,
 )
-from .crate import ISTA, Crate
+from .models.crate import ISTA, Crate
 
 __version__ = "0.1.0"
 
@@ -46,8 +46,8 @@ _register_open_clip_configs()
 def pretrained_dir(name: str, revision=None, tokenizer=None) -> str:
     """``local-dir:FOLDER`` of a released CLIPA model (e.g. ``"crate-alpha-CLIPA-L-14"``), for
     ``open_clip.create_model_and_transforms`` and ``open_clip.get_tokenizer``: downloaded
-    through huggingface_hub and converted once into its cache. See :mod:`crate_alpha.hub`."""
-    from .hub import pretrained_dir as _pretrained_dir
+    through huggingface_hub and converted once into its cache. See :mod:`crate_alpha.convert.hub`."""
+    from .convert.hub import pretrained_dir as _pretrained_dir
 
     return _pretrained_dir(name, revision=revision, tokenizer=tokenizer)
 

@@ -28,13 +28,13 @@ def _print_json(obj) -> None:
 
 def _model(spec):
     """A Hub reference as a local-dir: folder (converted once into the Hub cache); else as given."""
-    from .hub import resolve_model
+    from .convert.hub import resolve_model
 
     return resolve_model(spec)
 
 
 def _file(spec):
-    from .hub import resolve_file
+    from .convert.hub import resolve_file
 
     return resolve_file(spec)
 
@@ -44,7 +44,7 @@ def _file(spec):
 def _convert_official(a):
     from .convert import convert_official_torch
 
-    from .hub import released_model
+    from .convert.hub import released_model
 
     model = a.model or (released_model(a.src) if a.heads is None else None)
     _print_json(convert_official_torch(_file(a.src), a.out_dir, heads=a.heads, text_heads=a.text_heads,
@@ -131,7 +131,7 @@ def _data_demo(a):
 
 
 def _data_bench(a):
-    from .data.bench import bench_download, bench_loader, profile
+    from .apps.bench_data import bench_download, bench_loader, profile
 
     if a.download:
         bench_download(images=a.download, processes=a.processes, out=str(Path(a.out).with_name("download.json")))
@@ -203,7 +203,7 @@ def _recipe_and_overrides(items, default):
 
 def _clip_train(default):
     def run_(a):
-        from .clip_trainer import run
+        from .clip.trainer import run
 
         recipe, overrides = _recipe_and_overrides(a.items, default)
         info = run(recipe, overrides, dry_run=a.dry_run)
@@ -265,7 +265,7 @@ def _add_training(sub) -> None:
 # ---- zero-shot -----------------------------------------------------------------------
 
 def _zs_eval(a):
-    from .zeroshot import clip_benchmark_eval
+    from .clip.zeroshot import clip_benchmark_eval
 
     r = clip_benchmark_eval(_model(a.model), a.dataset, a.dataset_root, a.output, _file(a.checkpoint), a.task,
                             a.batch_size,
@@ -274,7 +274,7 @@ def _zs_eval(a):
 
 
 def _zs_imagenet(a):
-    from .zeroshot import clip_benchmark_eval, imagenet_root
+    from .clip.zeroshot import clip_benchmark_eval, imagenet_root
 
     root = imagenet_root(a.val_dir, a.cache)
     r = clip_benchmark_eval(_model(a.model), "imagenet1k", root, a.output, _file(a.checkpoint), "zeroshot_classification",
@@ -283,7 +283,7 @@ def _zs_imagenet(a):
 
 
 def _zs_table(a):
-    from .zeroshot import results_table
+    from .clip.zeroshot import results_table
 
     print(results_table(a.files, a.out))
 
@@ -317,14 +317,14 @@ def _add_zeroshot(sub) -> None:
 # ---- white-box tools -----------------------------------------------------------------
 
 def _explain(a):
-    from .whitebox import explain
+    from .whitebox.commands import explain
 
     paths = explain(a.images, _model(a.model), a.out, num_masks=a.num_masks, tau=a.tau, size=a.size)
     print(f"wrote {len(paths)} PNG(s) to {a.out}")
 
 
 def _diagnose(a):
-    from .whitebox import diagnose
+    from .whitebox.commands import diagnose
 
     res = diagnose(_model(a.model), a.images, a.out, max_images=a.max_images, size=a.size)
     for r in res["layers"]:
@@ -333,7 +333,7 @@ def _diagnose(a):
 
 
 def _segment_eval(a):
-    from .segment_eval import segment_eval
+    from .whitebox.segment_eval import segment_eval
 
     _print_json(segment_eval(_model(a.model), a.out, voc=a.voc, coco_images=a.coco_images,
                              coco_annotations=a.coco_annotations, limit=a.limit, num_masks=a.num_masks, tau=a.tau))
@@ -370,19 +370,19 @@ def _add_whitebox(sub) -> None:
 # ---- demos, benchmarks, tables -------------------------------------------------------
 
 def _demo(a):
-    from .demo import demo
+    from .apps.demo import demo
 
     demo(a.runs, baseline=a.baseline, only_baseline=a.only_baseline, fresh=a.fresh)
 
 
 def _demo_cls(a):
-    from .demo import demo_cls
+    from .apps.demo import demo_cls
 
     demo_cls(a.runs, fresh=a.fresh)
 
 
 def _demo_segment(a):
-    from .segment_demo import run
+    from .apps.segment_demo import run
 
     if a.budget_s <= 0 or a.eval_images < 1:
         raise ValueError("--budget-s must be positive and --eval-images at least 1")
@@ -390,25 +390,25 @@ def _demo_segment(a):
 
 
 def _bench(a):
-    from . import bench
+    from .apps import bench
 
     return bench.run(a)
 
 
 def _released(a):
-    from .released import table
+    from .models.released import table
 
     print(table(), end="")
 
 
 def _model_table(a):
-    from .model_table import model_table
+    from .apps.model_table import model_table
 
     print(model_table(a.res, a.num_classes))
 
 
 def _add_demos(sub) -> None:
-    from .segment_demo import MODELS as SEGMENT_MODELS
+    from .apps.segment_demo import MODELS as SEGMENT_MODELS
 
     p = sub.add_parser("demo", help="the CLIPA pipeline on the digits demo corpus (pre-train, fine-tune, zero-shot)")
     p.add_argument("--runs", default="runs", help="the runs folder: corpus and runs go to RUNS/demo")
@@ -427,7 +427,7 @@ def _add_demos(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", nargs="*", default=None, choices=[m[0] for m in SEGMENT_MODELS])
     p.set_defaults(fn=_demo_segment)
-    from . import bench
+    from .apps import bench
 
     p = sub.add_parser("bench", help="model speed: eager, compiled, official einsum form, timm ViT (JSON + PNG)")
     bench.add_arguments(p)

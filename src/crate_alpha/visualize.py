@@ -89,7 +89,7 @@ def plot_attention(trunk, images: torch.Tensor, shown: torch.Tensor, path: os.Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .interpret import attention
+    from .whitebox.interpret import attention
 
     maps = attention(trunk, images).mean(2)  # average heads
     b, layers = maps.shape[:2]

@@ -17,7 +17,7 @@ import torch
 
 import crate_alpha  # noqa: F401
 from crate_alpha.classifier.evaluate import run_eval
-from crate_alpha.zeroshot import clip_benchmark_eval
+from crate_alpha.clip.zeroshot import clip_benchmark_eval
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = Path(crate_alpha.__file__).parent / "model_configs"
@@ -144,7 +144,7 @@ def test_clip_recipe_bf16_on_xla(demo_data, tmp_path):
 
 
 def test_device_loader_raises_what_the_cpu_loader_raised():
-    from crate_alpha.xla import DeviceLoader
+    from crate_alpha.device.xla import DeviceLoader
 
     def broken():
         yield torch.zeros(2, 3)
@@ -216,7 +216,7 @@ def test_kill_mid_run_then_resume_on_xla(demo_data, tmp_path):
 
 FSDP_STEP = r"""
 import json, sys, torch, timm, crate_alpha
-from crate_alpha import xla
+from crate_alpha.device import xla
 mesh = xla.use_spmd()
 import torch_xla, torch_xla.runtime as xr
 torch.manual_seed(0)

@@ -4,7 +4,7 @@ around a short loop, with DDP through torchrun, bf16 autocast and optional torch
 
 The loop itself is written here because timm ships its training loop only as a script
 (train.py), not as a library function; the recipe keys are that script's argument names.
-``device=xla`` runs the same loop on TPUs (or XLA:CPU) through ``crate_alpha.xla``: one
+``device=xla`` runs the same loop on TPUs (or XLA:CPU) through ``crate_alpha.device.xla``: one
 process per device from torch_xla's launcher, batches moved by its device loader,
 Mixup/CutMix on the host (a CutMix box of random size on the device would give every
 step a new graph), a step boundary after each optimizer step, and ``fsdp=True`` for SPMD
@@ -31,7 +31,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 from tqdm import tqdm
 
-from .. import xla as xla_rt
+from ..device import xla as xla_rt
 from ..common import save_checkpoint, write_json
 from .. import run_folder
 from ..recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, RecipeError,

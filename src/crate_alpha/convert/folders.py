@@ -337,7 +337,7 @@ _SOURCE_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "so
 def check_trunk(name) -> None:
     """Refuse an impossible CRATE-α shape name before a model is built by it (timm's own
     names are left to timm)."""
-    from ..crate_alpha import variant_args
+    from ..models.crate_alpha import variant_args
 
     if isinstance(name, str) and name.startswith("crate_alpha_"):
         try:

@@ -9,7 +9,7 @@ from typing import Optional
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..crate_alpha import (
+from ..models.crate_alpha import (
     CRATE_ALPHA_SIZES,
     CUSTOM,
     _VARIANTS,

@@ -17,9 +17,9 @@ import torch
 
 import crate_alpha  # noqa: F401  (registers CRATE-α in timm and open_clip)
 
-from .common import CrateAlphaError, atomic_write, check_open_clip_checkpoint, local_dir
-from .convert.folders import TOKENIZER_FILES
-from .data import ownership
+from ..common import CrateAlphaError, atomic_write, check_open_clip_checkpoint, local_dir
+from ..convert.folders import TOKENIZER_FILES
+from ..data import ownership
 
 IMAGENET_ROOT = "zero-shot ImageNet root"  # the kind recorded in the --cache folder's marker
 TABLE_SUFFIXES = (".csv", ".md")  # an --out naming one of the tables is taken as the prefix without it

@@ -1,8 +1,8 @@
 """The released CRATE-α weights (Hub repo ``UCSC-VLAA/CRATE-alpha``): one row per file.
 
-This table is the one source of the timm pretrained tags (``crate_alpha.crate_alpha``
+This table is the one source of the timm pretrained tags (``crate_alpha.models.crate_alpha``
 builds their ``pretrained_cfg`` from it), of the open_clip CLIPA models that
-:func:`crate_alpha.hub.pretrained_dir` converts into the Hub cache, of the names the CLI
+:func:`crate_alpha.convert.hub.pretrained_dir` converts into the Hub cache, of the names the CLI
 accepts as Hub references, and of the README's table (``crate-alpha released``).
 It imports nothing, so reading it costs nothing.
 """

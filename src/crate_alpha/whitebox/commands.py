@@ -4,7 +4,7 @@
 (class-token attention per layer, PCA colours of the patch features, MaskCut masks).
 ``diagnose`` measures each layer's objective terms (coding rate, sparsity, dictionary
 reconstruction error) over a folder of images or webdataset shards, as JSON and a PNG.
-Both take a model as anything :func:`crate_alpha.interpret.encoder` accepts: a timm or
+Both take a model as anything :func:`crate_alpha.whitebox.interpret.encoder` accepts: a timm or
 open_clip ``local-dir:`` folder (converted release weights, exported training runs), a bare
 folder path, or a registered timm name.
 """
@@ -19,9 +19,9 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
-from . import run_folder
-from .common import CrateAlphaError, model_folder, write_json
-from .visualize import save_png
+from .. import run_folder
+from ..common import CrateAlphaError, model_folder, write_json
+from ..visualize import save_png
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -102,7 +102,7 @@ def _open_image(source, name: str):
 
 def _tar_images(path: Path) -> Iterator[Tuple[str, bytes]]:
     """(member name, bytes) of the images in a tar shard, read by the training loader's reader."""
-    from .data.tarstream import tar_members
+    from ..data.tarstream import tar_members
 
     if not path.is_file():
         raise WhiteboxError(f"{path} is not a regular file; give image files, folders or webdataset .tar shards")

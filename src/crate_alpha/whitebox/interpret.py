@@ -25,7 +25,7 @@ Three encoders are understood, by duck typing of the blocks:
 
 * CRATE-α (``MSSA`` + ``ODL``): ``attn.qkv`` is one bias-free ``Linear(d, d)``, the
   per-head bases U shared as q = k = v; ``mlp`` has dictionaries ``D``, ``D1``.
-* CRATE (``crate_alpha.crate``): the same attention; ``mlp`` is an ISTA step with a
+* CRATE (``crate_alpha.models.crate``): the same attention; ``mlp`` is an ISTA step with a
   d x d dictionary ``weight`` and no residual around it.
 * a timm ViT: ``attn.qkv`` is ``Linear(d, 3d)``; the *keys* stand in for the subspace
   projections (as DINO and CutLER use them), and the MLP has no dictionary.
@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import CrateAlphaError, folder_kind, model_folder
+from ..common import CrateAlphaError, folder_kind, model_folder
 
 __all__ = [
     "BlockTrace", "Trace", "encoder", "trace", "attention", "pca_features", "maskcut", "ncut_bipartition",
@@ -203,7 +203,7 @@ def _pos_embed_for(enc: nn.Module, grid: Tuple[int, int]) -> Optional[torch.Tens
     embed_prefix = 0 if getattr(enc, "no_embed_class", False) else n_prefix
     if getattr(enc, "pos_embed_type", None) == "sincos":
         # A fixed sin-cos embedding is regenerated at the new grid, as CrateAlpha.set_input_size does.
-        from .crate_alpha import sincos_2d_pos_embed
+        from ..models.crate_alpha import sincos_2d_pos_embed
 
         pe = sincos_2d_pos_embed(grid, pos.shape[-1]).to(pos)
         return torch.cat([pos.new_zeros(embed_prefix, pos.shape[-1]), pe], dim=0)[None]

@@ -54,8 +54,8 @@ from typing import Optional
 import torch
 import webdataset as wds
 
-from . import xla as _xla
-from .data.decode import FiniteRepeatPipeline, SkipCounter
+from ..device import xla as _xla
+from ..data.decode import FiniteRepeatPipeline, SkipCounter
 
 _log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _whole_save(obj, f, *args, **kwargs):
     # epoch_N.pt is written in place by open_clip_train: a full disk would leave a truncated
     # checkpoint under its final name; written beside it and renamed, it is whole or absent
     if isinstance(f, (str, os.PathLike)) and not args and not kwargs:
-        from .common import save_checkpoint
+        from ..common import save_checkpoint
 
         save_checkpoint(obj, f)
     else:
@@ -296,7 +296,7 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
     get_tokenizer = main.get_tokenizer
 
     def cached_get_tokenizer(*args, **kwargs):
-        from .data.tokenize import fast_tokenizer
+        from ..data.tokenize import fast_tokenizer
 
         return fast_tokenizer(get_tokenizer(*args, **kwargs))
 
@@ -305,7 +305,7 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
         _install_xla(main, xla, metrics)
 
     data.log_and_continue = counter
-    from .data.tarstream import tar_file_expander
+    from ..data.tarstream import tar_file_expander
 
     data.tar_file_expander = tar_file_expander
     data.tarfile_to_samples_nothrow.__defaults__ = (counter,)
@@ -373,7 +373,7 @@ def install(counter: SkipCounter, fast_decode: bool, xla: Optional[XlaOptions] =
         return
     from PIL import Image
 
-    from .data.decode import BatchNormalize, train_transform
+    from ..data.decode import BatchNormalize, train_transform
 
     create = main.create_model_and_transforms
 

@@ -27,10 +27,10 @@ segment, better than a ViT's. This demo measures it on a task small enough for t
   its own steps (data generation included), so anything else loading the machine slows
   all of them alike; the steps each got are in ``training``.
 * **Scores.** ``top1``: accuracy on the 360 held-out images. ``maskcut_miou``: the first
-  MaskCut mask (:func:`crate_alpha.interpret.maskcut`, ``num_masks=1``: normalised cut of the
+  MaskCut mask (:func:`crate_alpha.whitebox.interpret.maskcut`, ``num_masks=1``: normalised cut of the
   last block's subspace / key features) against the digit's mask. ``attention_miou``: the
   class token's last-layer attention, per head the patches holding 60% of its mass, merged by
-  head majority (:func:`crate_alpha.interpret.coarse_segmentation`, ``keep=0.6``). **mIoU
+  head majority (:func:`crate_alpha.whitebox.interpret.coarse_segmentation`, ``keep=0.6``). **mIoU
   here is the mean over images of the foreground IoU** (|pred ∩ gt| / |pred ∪ gt| of the
   digit's pixels, per image), not the VOC-style foreground/background mean. Masks are
   patch-level (8 px) while strokes are thin, so ``baselines`` gives the best any patch mask
@@ -56,8 +56,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import atomic_write, write_json
-from .visualize import save_png
+from ..common import atomic_write, write_json
+from ..visualize import save_png
 
 SIZE = 64
 DIGIT_SIZES = (24, 44)          # pasted digit side, px (inclusive)
@@ -329,7 +329,7 @@ def _to_size(masks: torch.Tensor, hw) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, test: Dict[str, torch.Tensor], eval_images: int, batch_size: int = 60) -> dict:
     """top-1 on every held-out image; per-image MaskCut and attention masks on the first ``eval_images``."""
-    from . import interpret
+    from ..whitebox import interpret
 
     model.eval()
     x = normalise(test["images"])

@@ -18,9 +18,9 @@ import json
 import time
 from pathlib import Path
 
-from .clip_trainer import checkpoint_path
-from .common import write_json
-from .data.ownership import check_may_write, clear_owned, mark
+from ..clip.trainer import checkpoint_path
+from ..common import write_json
+from ..data.ownership import check_may_write, clear_owned, mark
 
 # the demos mark the run folders they write, so --fresh deletes those and nothing else
 DEMO_RUN = "demo run"
@@ -51,9 +51,9 @@ def clip_checkpoint(out: Path, tag: str, stage: str = "finetune") -> Path:
 
 
 def run_model(tag: str, out: Path, data: Path, extra=()) -> dict:
-    from .clip_trainer import run
-    from .visualize import open_clip_data_wait
-    from .zeroshot import clip_benchmark_eval
+    from ..clip.trainer import run
+    from ..visualize import open_clip_data_wait
+    from ..clip.zeroshot import clip_benchmark_eval
 
     model = MODELS[tag]
     shards = json.loads((data / "demo.json").read_text())["train_shards"]
@@ -100,7 +100,7 @@ def _pictures(out: Path, tags) -> None:
     import torch
     from PIL import Image
 
-    from .visualize import open_clip_losses, plot_attention, plot_curves
+    from ..visualize import open_clip_losses, plot_attention, plot_curves
 
     curves = {}
     for tag in tags:
@@ -124,8 +124,8 @@ def _pictures(out: Path, tags) -> None:
     shown = torch.stack([TF.to_tensor(im.resize(tuple(x.shape[-2:]))) for im in imgs[:6]])
     print(f"attention maps: {plot_attention(model.visual.trunk, x[:6], shown, out / 'attention.png')}")
     # the white-box measures of the trained image tower, layer by layer, on 64 held-out digits
-    from .interpret import layer_diagnostics
-    from .whitebox import plot_diagnostics
+    from ..whitebox.interpret import layer_diagnostics
+    from ..whitebox.commands import plot_diagnostics
 
     layers = layer_diagnostics(model.visual.trunk, x)
     write_json({"model": MODELS["crate-alpha"], "images": len(imgs), "layers": layers}, out / "diagnostics.json")
@@ -146,7 +146,7 @@ def table(rows) -> str:
 
 
 def demo(runs: str = "runs", baseline: bool = False, only_baseline: bool = False, fresh: bool = False) -> list:
-    from .data.digits import build_demo
+    from ..data.digits import build_demo
 
     out = Path(runs) / "demo"
     t0 = time.time()
@@ -170,8 +170,8 @@ def demo(runs: str = "runs", baseline: bool = False, only_baseline: bool = False
 
 
 def demo_cls(runs: str = "runs", fresh: bool = False) -> list:
-    from .classifier.trainer import train
-    from .data.digits import build_demo
+    from ..classifier.trainer import train
+    from ..data.digits import build_demo
 
     clip_out, out = Path(runs) / "demo", Path(runs) / "demo-cls"
     data = clip_out / "data"

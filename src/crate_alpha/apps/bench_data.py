@@ -39,7 +39,7 @@ def _photo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
     """``n`` JPEG samples cut from real photos, shorter side ``size`` (img2dataset's keep_ratio)."""
     from sklearn.datasets import load_sample_images
 
-    from .digits import write_tar
+    from ..data.digits import write_tar
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]
     rng = np.random.default_rng(seed)
@@ -80,9 +80,9 @@ def profile_stages(size: int, source_size: int, samples: int = 256, batch: int =
     from torchvision import transforms
     from torch.utils.data import default_collate
 
-    from .decode import ToNormalizedTensor, decode_crop
-    from .tarstream import tar_members
-    from .tokenize import fast_tokenizer
+    from ..data.decode import ToNormalizedTensor, decode_crop
+    from ..data.tarstream import tar_members
+    from ..data.tokenize import fast_tokenizer
 
     torch.set_num_threads(1)
     mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
@@ -168,7 +168,7 @@ def _demo_shards(folder: Path, n: int, size: int, seed: int = 0) -> list:
     """``n`` samples as ``make demo``'s corpus stores them: digits at ``size`` px, JPEG q95, templated captions."""
     from sklearn.datasets import load_digits
 
-    from .digits import CAPTION_TEMPLATES, CLASSNAMES, digit_image, jpeg_q95, write_tar
+    from ..data.digits import CAPTION_TEMPLATES, CLASSNAMES, digit_image, jpeg_q95, write_tar
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
@@ -185,7 +185,7 @@ def _replicate(url: str, copies: int) -> str:
     """``copies`` shards with the samples of ``url`` (keys made unique): a long run from a few encoded images."""
     import tarfile
 
-    from .digits import write_tar
+    from ..data.digits import write_tar
 
     with tarfile.open(url) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
@@ -213,8 +213,8 @@ def train_loader(urls: str, size: int, reduced_decode: bool, batch: int = 64, wo
     import open_clip_train.main as main
 
     from ..common import count_samples, expand_shards
-    from ..patches import NormalizedLoader, install, train_normalize
-    from .decode import SkipCounter
+    from ..clip.patches import NormalizedLoader, install, train_normalize
+    from ..data.decode import SkipCounter
 
     install(SkipCounter(), fast_decode=True)  # images reach the transform still encoded
     _, train_tf, _ = main.create_model_and_transforms(model, force_image_size=size)
@@ -283,8 +283,8 @@ def bench_download(images: int = 2000, processes: int = 2, out="runs/bench/downl
     import pyarrow.parquet as pq
 
     from ..common import write_json
-    from .download import download
-    from .loopback import serve_folder
+    from ..data.download import download
+    from ..data.loopback import serve_folder
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

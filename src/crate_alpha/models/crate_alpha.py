@@ -291,7 +291,7 @@ class CrateAlpha(VisionTransformer):
 
     def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
         """A released big_vision ``.npz`` (timm's ``custom_load`` hook), converted on load."""
-        from .convert.big_vision import convert_classifier, load_npz
+        from ..convert.big_vision import convert_classifier, load_npz
 
         _, args, state = convert_classifier(load_npz(checkpoint_path), prefix)
         _check_released_shape(self, args, checkpoint_path)
@@ -462,7 +462,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: "CrateAlpha
     the image projection as the head) are converted by the converters' own mappings;
     a state dict already in timm's layout passes through.
     """
-    from .convert import official_torch
+    from ..convert import official_torch
 
     if "state_dict" in state_dict or "model" in state_dict:  # the wrappers official_torch reads too
         state_dict = state_dict.get("state_dict", state_dict.get("model"))

@@ -1,7 +1,7 @@
 """Speed of CRATE-α on this machine (``make bench``, ``crate-alpha bench``).
 
 Side by side, in one run, for one model size: CRATE-α eager, CRATE-α under
-``torch.compile``, CRATE-α computed in the official einsum form (``crate_alpha.official``,
+``torch.compile``, CRATE-α computed in the official einsum form (``crate_alpha.models.official``,
 same weights) and timm's ViT of the same width, depth, heads and patch; each in fp32 and
 bf16 autocast, for inference and for a train step (forward, backward, AdamW). Per row:
 median step time, images/s, peak memory, model FLOPs (``FlopCounterMode``) and achieved
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .common import atomic_write, write_json
-from .official import official_form
+from ..common import atomic_write, write_json
+from ..models.official import official_form
 
 VARIANTS = ("crate-alpha eager", "crate-alpha compiled", "official einsum", "timm vit")
 PRECISIONS = ("fp32", "bf16")
@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m crate_alpha.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m crate_alpha.apps.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p
@@ -456,7 +456,7 @@ def bench_xla(name: str, res: int, batch: int, repeats: int) -> list:
     """
     import torch_xla.core.xla_model as xm
 
-    from . import xla
+    from ..device import xla
 
     xla.device()  # before the first backward: autograd sizes its per-device queues once
     x, y = torch.randn(batch, 3, res, res), torch.randint(0, 10, (batch,))
@@ -489,7 +489,7 @@ def bench_xla(name: str, res: int, batch: int, repeats: int) -> list:
 
 
 def _run_xla(a: argparse.Namespace) -> int:
-    from . import xla
+    from ..device import xla
 
     xla.require()
     torch.manual_seed(0)
@@ -572,7 +572,7 @@ def plot_clipa(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .visualize import save_png
+    from ..visualize import save_png
 
     rows = result["rows"]
     labels = [f"{r['size']} px" for r in rows]

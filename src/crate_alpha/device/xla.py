@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .common import CrateAlphaError, write_json
+from ..common import CrateAlphaError, write_json
 
 
 class XlaUnavailable(CrateAlphaError):

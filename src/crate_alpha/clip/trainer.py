@@ -22,9 +22,9 @@ from typing import Any, Dict, List
 
 import torch
 
-from .common import check_shards, count_samples, load_open_clip_checkpoint, read_state_dict, save_checkpoint, write_json
-from . import run_folder
-from .recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RecipeError, check_resume_compatible,
+from ..common import check_shards, count_samples, load_open_clip_checkpoint, read_state_dict, save_checkpoint, write_json
+from .. import run_folder
+from ..recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RecipeError, check_resume_compatible,
                      check_values, load_recipe)
 
 # Keys that are open_clip_train flags, passed on under their own names (``wd`` -> ``--wd``);
@@ -197,7 +197,7 @@ def _world_size(cfg: dict) -> int:
     if device_of(cfg) == "xla":
         if cfg["fsdp"]:
             return 1  # SPMD: one process drives every device; the batch is sharded, not split
-        from . import xla
+        from ..device import xla
 
         return xla.launcher_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -210,7 +210,7 @@ def _rank() -> int:
 def run(recipe: str | None, overrides=(), dry_run: bool = False) -> dict:
     cfg = load(recipe, overrides)
     if device_of(cfg) == "xla":
-        from . import xla
+        from ..device import xla
 
         xla.check_ready(cfg["fsdp"])
     if cfg["lock_text"] and not cfg["text_init"] and not cfg["init_from"]:
@@ -283,7 +283,7 @@ def _train(cfg: dict, sched: dict, n: int, world: int, run_dir: Path) -> dict:
 
     t0 = time.time()
     if device_of(cfg) == "xla":
-        from . import xla
+        from ..device import xla
 
         job = (args, _loader(cfg), cfg["fsdp"], str(run_dir), sched["epochs"], n, t0)
         if cfg["fsdp"]:
@@ -309,7 +309,7 @@ def _open_clip_train(args: List[str], loader: dict, xla_options=None):
 
     import crate_alpha  # noqa: F401  (registers the models in this process)
 
-    from .data.decode import SkipCounter
+    from ..data.decode import SkipCounter
     from .patches import install
 
     counter = SkipCounter()
@@ -341,7 +341,7 @@ def _summary(run_dir: Path, t0: float, skipped: int, epochs: int, n: int) -> Non
 def _xla_process(index: int, args: List[str], loader: dict, fsdp: bool, run_dir: str, epochs: int, n: int,
                  t0: float) -> None:
     """One launcher process: open_clip_train on this process's XLA device."""
-    from . import xla
+    from ..device import xla
     from .patches import XlaOptions
 
     if not fsdp:

@@ -7,7 +7,7 @@ the official form in one place, for two users:
 
 * the test oracle (tests/reference_official.py), which rebuilds official forward passes
   from raw state dicts;
-* the benchmark (``crate_alpha.bench``), which runs a whole CRATE-α model in this form
+* the benchmark (``crate_alpha.apps.bench``), which runs a whole CRATE-α model in this form
   (``official_form``) beside the model's own operators.
 """
 from __future__ import annotations

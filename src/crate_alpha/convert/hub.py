@@ -1,14 +1,14 @@
 """The released weights through huggingface_hub: Hub references, converted once into its cache.
 
 timm loads the released classifiers itself (``timm.create_model(name.tag, pretrained=True)``,
-see ``crate_alpha.crate_alpha``). open_clip cannot: its ``hf-hub:`` tags address no file in
+see ``crate_alpha.models.crate_alpha``). open_clip cannot: its ``hf-hub:`` tags address no file in
 a sub-folder of a repo, and the files are in the official layout. So a released CLIPA
 model (or any official-layout file) is downloaded by huggingface_hub (its cache,
 ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``, ``HF_TOKEN`` and progress bars), converted once into
 a folder beside the Hub cache, keyed by the file's commit, and named as ``local-dir:``.
 
 A Hub reference is a released name (``crate_alpha_base_patch16_224.in21k_ft_in1k``,
-``crate-alpha-CLIPA-L-14``; see ``crate_alpha.released``) or a file,
+``crate-alpha-CLIPA-L-14``; see ``crate_alpha.models.released``) or a file,
 ``hf://OWNER/REPO[@REVISION]/PATH``. The CLI takes one wherever it takes a model
 (:func:`resolve_model`) or a weight file (:func:`resolve_file`).
 """
@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from . import released
-from .common import LOCAL_DIR, CrateAlphaError
+from ..models import released
+from ..common import LOCAL_DIR, CrateAlphaError
 
 HF_PREFIX = "hf://"
 
@@ -105,9 +105,9 @@ def converted_dir(ref: HubFile, tokenizer=None) -> Path:
     """
     from huggingface_hub import constants
 
-    from .convert.big_vision import convert_big_vision
-    from .convert.official_torch import convert_official_torch
-    from .convert.targets import named_heads
+    from .big_vision import convert_big_vision
+    from .official_torch import convert_official_torch
+    from .targets import named_heads
 
     local = download(ref)
     out = (Path(constants.HF_HUB_CACHE).parent / "crate-alpha" / ref.repo.replace("/", "--")

@@ -4,12 +4,12 @@ Two protocols, each on data the user already has:
 
 * PASCAL VOC 2012 val, coarse segmentation (the CRATE papers' protocol): the class token's
   attention of the last layer, thresholded per head to keep a fixed share of the attention
-  mass (:func:`crate_alpha.interpret.coarse_segmentation`), is compared with the
+  mass (:func:`crate_alpha.whitebox.interpret.coarse_segmentation`), is compared with the
   foreground of the ground truth (every object class against background; void pixels,
   255, ignored). Reported: IoU of foreground and of background over the whole set, and
   their mean (mIoU).
 * COCO val2017, MaskCut (CutLER's unsupervised protocol): every image gives ``num_masks``
-  masks (:func:`crate_alpha.interpret.maskcut`), scored by their order (the first cut is
+  masks (:func:`crate_alpha.whitebox.interpret.maskcut`), scored by their order (the first cut is
   the most salient), evaluated class-agnostically with pycocotools: every ground-truth
   object becomes one "object" category, and box and mask AP, AP50, AP75 are reported.
 
@@ -31,8 +31,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .common import write_json
-from .whitebox import WhiteboxError, batches, normalisation, prepare
+from ..common import write_json
+from .commands import WhiteboxError, batches, normalisation, prepare
 
 # the fields pycocotools reads from each entry (the category is replaced: the protocol is class-agnostic)
 IMAGE_FIELDS = ("id", "file_name", "width", "height")

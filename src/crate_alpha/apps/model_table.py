@@ -10,7 +10,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .crate_alpha import list_crate_alpha_models, variant_args
+from ..models.crate_alpha import list_crate_alpha_models, variant_args
 
 
 def measure(name: str, res: int = 224, num_classes: int = 1000) -> dict:
