@@ -16,11 +16,9 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .errors import CrateAlphaError  # noqa: F401  (its old home: ``from crate_alpha.common import CrateAlphaError``)
+
 LOCAL_DIR = "local-dir:"
-
-
-class CrateAlphaError(ValueError):
-    """Bad input to a command: the message names the problem and what to do."""
 
 
 # --------------------------------------------------------------------------------------

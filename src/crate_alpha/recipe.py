@@ -21,11 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from .common import CrateAlphaError
-
-
-class RecipeError(CrateAlphaError):
-    """A recipe or override that cannot be used; the message names it."""
+from .errors import RecipeError
 
 
 def shipped_recipes_dir() -> Path:

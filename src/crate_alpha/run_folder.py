@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .common import CrateAlphaError
 from .data import ownership
+from .errors import DataError, RunFolderError
 
 LOCK = ".crate-alpha-lock"
 
@@ -28,15 +28,11 @@ EXPLAIN = "explain output"
 DIAGNOSE = "diagnose output"
 
 
-class RunFolderError(CrateAlphaError):
-    """A run folder that is not this command's to write, or is in use."""
-
-
 def check(folder: os.PathLike, kind: str) -> None:
     """Refuse ``folder`` unless it is absent, empty, or a ``kind`` folder (writes nothing)."""
     try:
         ownership.check_may_write(str(folder), kind)
-    except ownership.DataError as e:
+    except DataError as e:
         raise RunFolderError(str(e)) from None
 
 

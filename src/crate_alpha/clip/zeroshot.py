@@ -17,17 +17,14 @@ import torch
 
 import crate_alpha  # noqa: F401  (registers CRATE-α in timm and open_clip)
 
-from ..common import CrateAlphaError, atomic_write, check_open_clip_checkpoint, local_dir
+from ..common import atomic_write, check_open_clip_checkpoint, local_dir
 from ..convert.folders import TOKENIZER_FILES
 from ..data import ownership
+from ..errors import DataError, EvalError
 
 IMAGENET_ROOT = "zero-shot ImageNet root"  # the kind recorded in the --cache folder's marker
 TABLE_SUFFIXES = (".csv", ".md")  # an --out naming one of the tables is taken as the prefix without it
 RESULT_KEYS = ("dataset", "model", "metrics")  # what every clip_benchmark result file holds
-
-
-class EvalError(CrateAlphaError):
-    pass
 
 
 def _read_json(path: os.PathLike, what: str):
@@ -116,7 +113,7 @@ def imagenet_root(val_dir: str, cache: str) -> str:
     link = root / "val"
     try:
         ownership.check_may_write(str(root), IMAGENET_ROOT)
-    except ownership.DataError as e:
+    except DataError as e:
         raise EvalError(f"--cache: {e}") from None
     if os.path.lexists(link) and not link.is_symlink():
         raise EvalError(f"{link} is not the link to the validation folder this command made; nothing was changed. "

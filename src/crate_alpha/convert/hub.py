@@ -19,13 +19,10 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from ..models import released
-from ..common import LOCAL_DIR, CrateAlphaError
+from ..common import LOCAL_DIR
+from ..errors import HubError
 
 HF_PREFIX = "hf://"
-
-
-class HubError(CrateAlphaError):
-    """A Hub file that cannot be had; the message says why and what to do."""
 
 
 class HubFile(NamedTuple):

@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from . import storage
-from .ownership import DataError, check_may_write, claim, clear_owned
+from ..errors import DataError
+from .ownership import check_may_write, claim, clear_owned
 from .sample_checks import checked_img2dataset
 
 # img2dataset's package namespace shadows its module names with functions; take the modules

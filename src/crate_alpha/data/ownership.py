@@ -7,14 +7,10 @@ shard's statistics. Folders may be local paths or fsspec URLs (``storage``).
 """
 from __future__ import annotations
 
-from ..common import CrateAlphaError
+from ..errors import DataError
 from . import storage
 
 MARKER = ".crate-alpha-output"
-
-
-class DataError(CrateAlphaError):
-    """Bad data input; the message names the problem and what to do."""
 
 
 def owner_kind(folder: storage.Where):

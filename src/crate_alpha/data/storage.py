@@ -19,6 +19,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..common import atomic_write
+from ..errors import DataError
 
 Where = Union[str, os.PathLike]
 
@@ -36,8 +37,6 @@ def location(where: Where):
     try:
         return fsspec.core.url_to_fs(str(where))
     except (ImportError, ValueError) as e:
-        from .ownership import DataError
-
         scheme = str(where).split("://", 1)[0]
         need = BACKENDS.get(scheme, f"the fsspec back-end for {scheme}://")
         raise DataError(f"cannot open {where}: {e}. Install {need}") from None

@@ -20,16 +20,13 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 import torch
 
 from .. import run_folder
-from ..common import CrateAlphaError, model_folder, write_json
+from ..common import model_folder, write_json
+from ..errors import WhiteboxError
 from ..visualize import save_png
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class WhiteboxError(CrateAlphaError):
-    """Bad input to a white-box command; the message names it and what to do."""
 
 
 def normalisation(spec, enc) -> Tuple[tuple, tuple, int]:
