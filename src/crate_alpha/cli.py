@@ -1,7 +1,9 @@
 """crate-alpha: train, convert, evaluate and look inside CRATE-α models.
 
-One command for everything; each subcommand calls one library function. Bad input ends
-with one line, ``crate-alpha: error: ...``, and exit status 2. Under torchrun:
+One command for everything; each subcommand calls one library function. Bad input and the
+operating system's refusals (a missing file, a full disk) end with one line,
+``crate-alpha: error: ...``, and exit status 2; any other failure is a bug and keeps its
+traceback. Under torchrun:
 ``torchrun --nproc_per_node 8 -m crate_alpha.cli pretrain RECIPE key=value ...``.
 """
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from .errors import CrateAlphaError
 
 _FORCE_HELP = ("replace an existing OUT_DIR, if it is empty or a model folder written by crate-alpha "
                "(any other files are never deleted)")
@@ -385,7 +389,7 @@ def _demo_segment(a):
     from .apps.segment_demo import run
 
     if a.budget_s <= 0 or a.eval_images < 1:
-        raise ValueError("--budget-s must be positive and --eval-images at least 1")
+        raise CrateAlphaError("--budget-s must be positive and --eval-images at least 1")
     run(a.out, budget_s=a.budget_s, eval_images=a.eval_images, seed=a.seed, models=a.models)
 
 
@@ -453,14 +457,34 @@ def parser(prog: str = "crate-alpha") -> argparse.ArgumentParser:
 
 
 def main(argv=None, prog: str = "crate-alpha") -> int:
-    args = parser(prog).parse_args(argv)
+    args = parser(prog).parse_args(argv)  # a bad command line: argparse's usage line, exit status 2
     try:
         return args.fn(args) or 0
-    except (ValueError, OSError) as e:
-        # ValueError: our CrateAlphaError (bad input, named) and the model factories' refusals
-        # of impossible shapes; OSError: reading or writing outside the commands' own checks
+    except (CrateAlphaError, OSError) as e:
+        # our own refusals (bad input, named with what to do) and the operating system's
+        # (file not found, disk full, permission): one line, no traceback
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # anything else is a bug, here or in a library below: it keeps its traceback
+        _after_traceback(e, f"{prog}: this looks like a bug; please report it with the traceback above "
+                            f"and the command line")
+        raise
+
+
+def _after_traceback(e: BaseException, line: str) -> None:
+    """Have ``line`` printed after ``e``'s traceback, when the interpreter prints it."""
+    if hasattr(e, "add_note"):  # Python >= 3.11: printed at the end of the traceback itself
+        e.add_note(line)
+        return
+    hook = sys.excepthook
+
+    def print_then_line(kind, value, tb):
+        hook(kind, value, tb)
+        if value is e:
+            print(line, file=sys.stderr)
+
+    sys.excepthook = print_then_line
 
 
 def _one_line(e: Exception) -> str:
