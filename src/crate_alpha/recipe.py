@@ -132,10 +132,9 @@ def load_recipe(spec: Optional[str], overrides: Iterable[str], defaults: Dict[st
         check_keys([key], "the command line", defaults, renamed)
         cfg[key] = parse_value(raw)
     cfg[name_key] = cfg[name_key] or "run"
-    if cfg.get("device") not in (None, "cpu", "cuda", "xla"):
-        raise RecipeError(f"device must be cpu, cuda or xla (or None: cuda when available), got {cfg['device']!r}")
-    if cfg.get("fsdp") and cfg.get("device") != "xla":
-        raise RecipeError("fsdp=True is the SPMD sharding of XLA devices: set device=xla as well")
+    from .device import check_choice  # not at the top: importing this module stays free of torch
+
+    check_choice(cfg.get("device"), cfg.get("fsdp", False))
     return cfg
 
 

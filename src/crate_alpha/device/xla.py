@@ -26,9 +26,12 @@ larger and would drift from the CPU/GPU one, which is what the parity tests comp
   of all devices, and every batch along the batch dimension; XLA's SPMD partitioner
   inserts the all-gathers and reduce-scatters (ZeRO-3). SPMD is one process per host
   (no launcher), and one host: across hosts every host would read the whole data stream.
+
+``XlaDevice`` puts these pieces behind the trainers' device seam (``crate_alpha.device``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -36,11 +39,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..common import CrateAlphaError, write_json
-
-
-class XlaUnavailable(CrateAlphaError):
-    """device=xla cannot run here; the message says what to install or set."""
+from ..common import write_json
+from ..errors import XlaUnavailable
+from .base import Device, ProcessInfo
 
 
 def require() -> None:
@@ -253,3 +254,95 @@ def shard_batch(batch, mesh):
     if isinstance(batch, dict):
         return {k: shard_batch(v, mesh) for k, v in batch.items()}
     return batch
+
+
+# ---- the device seam ----------------------------------------------------------------
+
+class XlaDevice(Device):
+    """``device=xla``: one process per device from torch_xla's launcher, or with ``fsdp`` one SPMD
+    process over all of them; a step boundary after each optimizer step; batches moved by
+    the device loader; checkpoints copied to the CPU."""
+
+    name = "xla"
+    dist_backend = "xla"
+    fused_optimizer = False  # torch's fused AdamW has no XLA kernels
+    static_shapes = True
+    is_accelerator = True
+    ddp_kwargs = {"gradient_as_bucket_view": True}
+
+    def __init__(self, fsdp: bool = False):
+        super().__init__(fsdp)
+        self._mesh = None
+        self.metrics: Optional[StepMetrics] = None
+
+    def check_ready(self) -> None:
+        check_ready(self.fsdp)
+
+    def world_size(self) -> int:
+        # SPMD: one process drives every device; the batch is sharded, not split
+        return 1 if self.fsdp else launcher_world_size()
+
+    def launch(self, fn: Callable, args: tuple = ()) -> Any:
+        if self.fsdp:
+            return fn(0, *args)  # SPMD is one process; torch_xla's launcher does not support it
+        launch(fn, args)
+        return None
+
+    @property
+    def mesh(self):
+        """The SPMD mesh of all devices (fsdp only); the process switches to SPMD on first use."""
+        if self.fsdp and self._mesh is None:
+            self._mesh = use_spmd()
+        return self._mesh
+
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        return device()  # each launcher process sees its one device as xla:0
+
+    def join_process_group(self, init_group: bool = True) -> ProcessInfo:
+        if self.fsdp:
+            self.mesh  # noqa: B018 - SPMD before the device is first used
+            return ProcessInfo(0, 0, 1, device())
+        rank, local, world = ordinals()
+        if world > 1:
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the 'xla' backend)
+            import torch.distributed as dist
+
+            # open_clip_train (and DistributedSampler users) read the torchrun variables
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE=str(world))
+            if init_group and not dist.is_initialized():
+                dist.init_process_group("xla", init_method="xla://")
+        return ProcessInfo(rank, local, world, device())
+
+    def open_clip_train_args(self) -> list:
+        # each launcher process sees its one device as xla:0, so no per-rank device index
+        return ["--dist-url", "xla://", "--no-set-device-rank"]
+
+    def step_boundary(self) -> None:
+        sync()  # the whole step is one graph; what is logged after it is already computed
+        if self.metrics is not None:
+            self.metrics.step()
+
+    @contextlib.contextmanager
+    def optimizer_hooks(self, metrics_path=None):
+        self.metrics = StepMetrics(metrics_path)
+        try:
+            with super().optimizer_hooks(metrics_path):
+                yield self
+        finally:
+            self.metrics.write()
+            self.metrics = None
+
+    def wrap_loader(self, loader):
+        return DeviceLoader(loader, device(), mesh=self.mesh)
+
+    def shard(self, module: torch.nn.Module) -> int:
+        return shard_module(module, self.mesh) if self.fsdp else 0
+
+    def to_cpu(self, obj):
+        return to_cpu(obj)
+
+    def synchronize(self, device=None) -> None:
+        import torch_xla.core.xla_model as xm
+
+        sync()
+        xm.wait_device_ops()
