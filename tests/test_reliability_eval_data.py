@@ -48,14 +48,15 @@ def _val(tmp_path):
 
 
 def test_imagenet_cache_never_replaces_user_files(tmp_path):
-    from crate_alpha.clip.zeroshot import EvalError, imagenet_root
+    from crate_alpha.clip.zeroshot import imagenet_root
+    from crate_alpha.errors import DataError
 
     val = _val(tmp_path)
     user = tmp_path / "mine"
     user.mkdir()
     (user / "val").write_text("my notes")
     (user / "meta.bin").write_text("my meta")
-    with pytest.raises(EvalError, match=f"{user} is not empty and is not written by crate-alpha"):
+    with pytest.raises(DataError, match=f"{user} is not empty and is not written by crate-alpha"):
         imagenet_root(str(val), str(user))
     assert (user / "val").read_text() == "my notes" and (user / "meta.bin").read_text() == "my meta"
     assert not (user / MARKER).exists()
@@ -66,7 +67,7 @@ def test_imagenet_cache_never_replaces_user_files(tmp_path):
     (cache / "val").unlink()
     (cache / "val").mkdir()  # a real folder the user put into our cache is not ours to replace
     (cache / "val" / "x.txt").write_text("keep")
-    with pytest.raises(EvalError, match=f"{cache / 'val'} is not the link"):
+    with pytest.raises(DataError, match=f"{cache / 'val'} is not the link"):
         imagenet_root(str(val), str(cache))
     assert (cache / "val" / "x.txt").read_text() == "keep"
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from crate_alpha.common import CrateAlphaError, check_shards, count_samples
+from crate_alpha.data.shards import check_shards, count_samples
+from crate_alpha.errors import DataError
 from crate_alpha.data import tarstream
 from crate_alpha.data import verify as verify_mod
 from crate_alpha.data.decode import SkipCounter, decode_crop, shard_loader, train_transform
@@ -226,7 +227,7 @@ def test_verify_and_count_call_an_empty_shard_empty(tmp_path):
     assert not empty.ok and empty.kinds == {"empty"} and empty.problems == ["(tar): no samples: the shard is empty"]
     assert any(line.startswith("empty damage in 00001.tar") for line in verify_mod.advice(list(reports.values())))
     assert count_samples([str(d / "00000.tar"), str(d / "00001.tar")]) == 3
-    with pytest.raises(CrateAlphaError, match=r"the shards hold no samples \(1 shard\(s\), e.g. .*00001.tar\)"):
+    with pytest.raises(DataError, match=r"the shards hold no samples \(1 shard\(s\), e.g. .*00001.tar\)"):
         count_samples([str(d / "00001.tar")])
     # img2dataset writes a shard whose every row failed as an empty tar, with statistics saying so:
     # that is download's output, noted, not damage
@@ -329,7 +330,7 @@ def test_a_named_pipe_is_not_opened(tmp_path):
     os.mkfifo(d / "00001.tar")
     out, _ = _forked(lambda: [(r.shard, r.kinds, r.problems) for r in verify_mod.verify_folder(d)])
     assert out == [("00000.tar", set(), []), ("00001.tar", {"file"}, ["(file): a named pipe, not a shard"])]
-    with pytest.raises(CrateAlphaError, match=r"00001.tar is not a regular file \(a folder, a named pipe"):
+    with pytest.raises(DataError, match=r"00001.tar is not a regular file \(a folder, a named pipe"):
         check_shards(f"{d}/{{00000..00001}}.tar")
 
 
@@ -345,12 +346,12 @@ def test_sample_count_over_a_non_tar_shard_and_bad_stats(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert count_samples([str(d / "00000.tar"), str(d / "00001.tar")]) == 3
     assert "shard " + str(d / "00001.tar") + " is damaged (not a tar archive" in caplog.text
-    with pytest.raises(CrateAlphaError, match="the shards hold no samples"):
+    with pytest.raises(DataError, match="the shards hold no samples"):
         clip_trainer.run("clipa_crate_alpha_L14_84_pretrain:demo", [f"train_data={d}/00001.tar",
                                                                    f"logs={tmp_path / 'logs'}"], dry_run=True)
     for bad in ('{"failures": 2}', '{"successes": "many"}', "[1, 2]", "not json"):
         (d / "00000_stats.json").write_text(bad)
-        with pytest.raises(CrateAlphaError, match=r"00000_stats.json has no sample count .*'successes'"):
+        with pytest.raises(DataError, match=r"00000_stats.json has no sample count .*'successes'"):
             count_samples([str(d / "00000.tar")])
     (d / "00000_stats.json").write_text('{"successes": 7}')
     assert count_samples([str(d / "00000.tar")]) == 7

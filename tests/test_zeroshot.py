@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from crate_alpha.clip.zeroshot import EvalError, clip_benchmark_eval, imagenet_root, results_table
+from crate_alpha.clip.zeroshot import clip_benchmark_eval, imagenet_root, results_table
+from crate_alpha.errors import CheckpointError, DataError, ModelConfigError
 
 
 def test_imagenet_root_from_plain_val_folder(tmp_path):
@@ -28,9 +29,9 @@ def test_imagenet_root_from_plain_val_folder(tmp_path):
 
 def test_imagenet_root_refuses_other_folders(tmp_path):
     (tmp_path / "val" / "a").mkdir(parents=True)
-    with pytest.raises(EvalError, match="1 class folders; ImageNet-1K validation needs 1000"):
+    with pytest.raises(DataError, match="1 class folders; ImageNet-1K validation needs 1000"):
         imagenet_root(str(tmp_path / "val"), str(tmp_path / "root"))
-    with pytest.raises(EvalError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         imagenet_root(str(tmp_path / "nope"), str(tmp_path / "root"))
 
 
@@ -46,12 +47,12 @@ def test_results_table(tmp_path):
 
 
 def test_unknown_model_and_missing_checkpoint(tmp_path):
-    with pytest.raises(EvalError, match="unknown model 'nope'.*crate-alpha-L-14"):
+    with pytest.raises(ModelConfigError, match="unknown model 'nope'.*crate-alpha-L-14"):
         clip_benchmark_eval("nope", "wds/digits", str(tmp_path), str(tmp_path / "o.json"))
-    with pytest.raises(EvalError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         clip_benchmark_eval("crate-alpha-demo", "wds/digits", str(tmp_path), str(tmp_path / "o.json"),
                             checkpoint=str(tmp_path / "missing.pt"))
-    with pytest.raises(EvalError, match="not an open_clip model folder"):
+    with pytest.raises(CheckpointError, match="not an open_clip model folder"):
         clip_benchmark_eval(f"local-dir:{tmp_path}", "wds/digits", str(tmp_path), str(tmp_path / "o.json"))
 
 

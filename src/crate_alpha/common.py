@@ -1,22 +1,22 @@
-"""What every command shares: one error type, one atomic writer, model folders and
-checkpoints read through open_clip and timm, and webdataset shard listing and counting.
+"""What every command shares: one atomic writer, and model folders and checkpoints read
+through open_clip and timm (the project's errors are in ``errors``, shard patterns in
+``data.shards``).
 
-Packages of crate_alpha import from here, never each other's private helpers.
+Packages of crate_alpha import from here, never each other's private helpers. This module
+is the lowest layer with ``errors``: it imports nothing else of crate_alpha's.
 """
 from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import pickle
 import re
-import tarfile
 import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .errors import CrateAlphaError  # noqa: F401  (its old home: ``from crate_alpha.common import CrateAlphaError``)
+from .errors import CheckpointError, CrateAlphaError  # CrateAlphaError also for its old import path
 
 LOCAL_DIR = "local-dir:"
 
@@ -100,7 +100,7 @@ def model_folder(spec) -> Optional[Path]:
     if folder is None and isinstance(spec, (str, os.PathLike)) and Path(spec).expanduser().is_dir():
         folder = Path(spec).expanduser()
     if folder is not None and not folder.is_dir():
-        raise CrateAlphaError(f"model folder {folder} does not exist")
+        raise CheckpointError(f"model folder {folder} does not exist")
     return folder
 
 
@@ -110,14 +110,14 @@ def folder_kind(folder: Path) -> str:
         return "open_clip"
     if (folder / "config.json").is_file():
         return "timm"
-    raise CrateAlphaError(f"{folder} holds neither open_clip_config.json (an open_clip model) nor config.json "
+    raise CheckpointError(f"{folder} holds neither open_clip_config.json (an open_clip model) nor config.json "
                           "(a timm model): convert or export one with `crate-alpha convert` / `crate-alpha export`")
 
 
 def timm_folder_config(folder: Path) -> dict:
     """timm's ``config.json`` of a model folder (architecture, model_args, pretrained_cfg)."""
     if folder_kind(folder) != "timm":
-        raise CrateAlphaError(f"{folder} is an open_clip folder; a timm model folder (config.json) is needed here")
+        raise CheckpointError(f"{folder} is an open_clip folder; a timm model folder (config.json) is needed here")
     return json.loads((folder / "config.json").read_text())
 
 
@@ -144,7 +144,7 @@ def _refusal(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def read_checkpoint(path: os.PathLike, what: str = "checkpoint", error=CrateAlphaError) -> dict:
+def read_checkpoint(path: os.PathLike, what: str = "checkpoint", error=CheckpointError) -> dict:
     """The dict a checkpoint file holds, read with ``torch.load(weights_only=True)``: a pickle
     that would run code when loaded is refused unrun, and every other reason a file cannot be
     a checkpoint is named in one line (``error``: the exception type to raise)."""
@@ -183,7 +183,7 @@ def read_checkpoint(path: os.PathLike, what: str = "checkpoint", error=CrateAlph
     return obj
 
 
-def state_dict_of(obj: dict, source, error=CrateAlphaError) -> Dict[str, "object"]:
+def state_dict_of(obj: dict, source, error=CheckpointError) -> Dict[str, "object"]:
     """The tensors of a loaded checkpoint: inside the ``state_dict`` (open_clip_train), ``model``
     (this project's classifier trainer) or ``module`` wrapper, DDP's ``module.`` prefix removed."""
     import torch
@@ -204,7 +204,7 @@ def state_dict_of(obj: dict, source, error=CrateAlphaError) -> Dict[str, "object
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def read_state_dict(path: os.PathLike, what: str = "checkpoint", error=CrateAlphaError) -> Dict[str, "object"]:
+def read_state_dict(path: os.PathLike, what: str = "checkpoint", error=CheckpointError) -> Dict[str, "object"]:
     """The state dict of a checkpoint file (see :func:`read_checkpoint` and :func:`state_dict_of`):
     the one reader of checkpoints given to a command, so each is checked the same way."""
     return state_dict_of(read_checkpoint(path, what, error), f"{what} {path}", error)
@@ -241,10 +241,10 @@ def load_weights(model, state_dict: dict, source, what: str = "the model", allow
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:
-        raise CrateAlphaError(f"{source} does not fit {what}: " + "; ".join(_fit_problems(error=e))) from None
+        raise CheckpointError(f"{source} does not fit {what}: " + "; ".join(_fit_problems(error=e))) from None
     bad = [k for k in missing if not allow_missing(k)]
     if bad or unexpected:
-        raise CrateAlphaError(f"{source} does not fit {what}: " + "; ".join(_fit_problems(bad, unexpected)))
+        raise CheckpointError(f"{source} does not fit {what}: " + "; ".join(_fit_problems(bad, unexpected)))
     return list(missing)
 
 
@@ -262,10 +262,10 @@ def load_open_clip_checkpoint(model, path: os.PathLike, what: str = "checkpoint"
         try:
             result = open_clip.load_checkpoint(model, str(path), strict=False)
         except RuntimeError as e:
-            raise CrateAlphaError(f"{what} {path} does not fit {model_name}: "
+            raise CheckpointError(f"{what} {path} does not fit {model_name}: "
                                   + "; ".join(_fit_problems(error=e))) from None
     if result.missing_keys or result.unexpected_keys:
-        raise CrateAlphaError(f"{what} {path} does not fit {model_name}: "
+        raise CheckpointError(f"{what} {path} does not fit {model_name}: "
                               + "; ".join(_fit_problems(result.missing_keys, result.unexpected_keys)))
 
 
@@ -282,99 +282,15 @@ def check_open_clip_checkpoint(model_name: str, path: os.PathLike, what: str = "
     load_open_clip_checkpoint(model, path, what, model_name)
 
 
-# --------------------------------------------------------------------------------------
-# Webdataset shards
-# --------------------------------------------------------------------------------------
-
-def is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
+# Moved to data.shards; kept importable from here only until the callers outside this layer
+# (clip/trainer.py, clip/patches.py, classifier/data.py) import them from there. The import
+# below is upward (common -> data): tests/test_layering.py names it until it is gone.
+_MOVED_TO_DATA_SHARDS = ("is_remote", "expand_shards", "check_shards", "count_samples")
 
 
-def expand_shards(pattern: str) -> List[str]:
-    """The shard URLs of a webdataset pattern (brace ranges, ``::`` between patterns)."""
-    from braceexpand import braceexpand
+def __getattr__(name):
+    if name in _MOVED_TO_DATA_SHARDS:
+        from .data import shards
 
-    urls = []
-    for part in str(pattern).split("::"):
-        urls += list(braceexpand(part))
-    return urls
-
-
-def check_shards(pattern, what: str = "training data") -> List[str]:
-    """The shards of ``pattern``; fails before anything is built when local ones are missing."""
-    if not pattern:
-        raise CrateAlphaError(f"no {what}: set it to webdataset shards, e.g. 'shards/{{00000..00099}}.tar'")
-    urls = expand_shards(pattern)
-    local = [u for u in urls if not is_remote(u)]
-    missing = [u for u in local if not os.path.exists(u)]
-    if local and len(missing) == len(local):
-        parent = os.path.dirname(local[0]) or "."
-        hint = "" if os.path.isdir(parent) else f" (folder {parent} does not exist)"
-        raise CrateAlphaError(f"{what} {pattern!r} matches no file{hint}")
-    if missing:
-        raise CrateAlphaError(f"{what} {pattern!r}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
-    # a named pipe would make the loader (and the sample count) wait for a writer forever
-    odd = [u for u in local if not os.path.isfile(u)]
-    if odd:
-        raise CrateAlphaError(f"{what} {pattern!r}: {odd[0]} is not a regular file (a folder, a named pipe or a "
-                              "device): shards are .tar files; leave it out of the pattern")
-    return urls
-
-
-def count_samples(urls: List[str]) -> int:
-    """Samples in the shards: img2dataset's per-shard statistics, or the tar headers.
-
-    A shard that cannot be read is counted up to its damage, as the training loader reads it
-    (it skips the rest), with one warning naming it; no sample in any shard is an error.
-    """
-    remote = [u for u in urls if is_remote(u)]
-    if remote:
-        raise CrateAlphaError(f"cannot count the samples of remote shards such as {remote[0]!r}: "
-                              "set train_num_samples=N (img2dataset's stats give N)")
-    total = 0
-    for u in urls:
-        stats = Path(u[: -len(".tar")] + "_stats.json") if u.endswith(".tar") else None
-        if stats is not None and stats.is_file():
-            total += _stats_successes(stats)
-        else:
-            total += _tar_samples(u)
-    if not total:
-        raise CrateAlphaError(f"the shards hold no samples ({len(urls)} shard(s), e.g. {urls[0]}): check them "
-                              "with `crate-alpha data verify FOLDER`")
-    return total
-
-
-def _stats_successes(stats: Path) -> int:
-    """The ``successes`` count of img2dataset's ``NNNNN_stats.json``."""
-    try:
-        n = json.loads(stats.read_text())["successes"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        n = e
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise CrateAlphaError(f"{stats} has no sample count (img2dataset's stats give 'successes' as a number "
-                              "of samples): remove it to have the shard's tar counted, or set train_num_samples=N")
-    return n
-
-
-def _tar_samples(url: str) -> int:
-    """Samples of a tar shard as webdataset groups them (adjacent members with one key), from
-    its headers alone; up to the damage, with a warning, if it cannot be read to the end."""
-    from webdataset.tariterators import base_plus_ext
-
-    from .data.tarstream import is_meta, tar_names
-
-    samples, last = 0, None
-    try:
-        with open(url, "rb") as f:
-            for name in tar_names(f):
-                if is_meta(name):
-                    continue
-                key = base_plus_ext(name)[0]
-                if key is not None and key != last:
-                    samples += 1
-                    last = key
-    except (tarfile.TarError, OSError) as e:
-        logging.getLogger(__name__).warning(
-            "shard %s is damaged (%s): %d sample(s) before the damage counted; the training loader skips the "
-            "rest (`crate-alpha data verify FOLDER` lists what is wrong)", url, e, samples)
-    return samples
+        return getattr(shards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

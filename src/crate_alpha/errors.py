@@ -29,7 +29,7 @@ class DataError(CrateAlphaError):
 
 
 class CheckpointError(CrateAlphaError):
-    """A checkpoint or weights file that is missing, unreadable, unsafe or does not fit the model."""
+    """A checkpoint, weights file or model folder that is missing, unreadable, unsafe or does not fit the model."""
 
 
 class ModelConfigError(CrateAlphaError):
@@ -53,7 +53,7 @@ class RunFolderError(CrateAlphaError):
 
 
 class EvalError(CrateAlphaError):
-    """A zero-shot evaluation that cannot run: its dataset, task or results."""
+    """A zero-shot evaluation that did not give a result, or a result file that cannot be read."""
 
 
 class ClassMismatch(CrateAlphaError):

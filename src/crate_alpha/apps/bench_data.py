@@ -212,7 +212,7 @@ def train_loader(urls: str, size: int, reduced_decode: bool, batch: int = 64, wo
     import open_clip_train.data as data
     import open_clip_train.main as main
 
-    from ..common import count_samples, expand_shards
+    from ..data.shards import count_samples, expand_shards
     from ..clip.patches import NormalizedLoader, install, train_normalize
     from ..data.decode import SkipCounter
 

@@ -9,7 +9,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..common import load_weights, local_dir, read_checkpoint, state_dict_of, timm_folder_config, write_json
 from ..data.decode import SkipCounter
-from ..recipe import RecipeError
+from ..errors import CheckpointError, ClassMismatch
 from .data import check_path, class_names_of, eval_transform, make_loader
 
 
@@ -27,12 +27,12 @@ def load_for_eval(model: Optional[str], checkpoint: Optional[str], use_ema: bool
         return (m, pc["input_size"][-1], pc.get("mean", IMAGENET_DEFAULT_MEAN), pc.get("std", IMAGENET_DEFAULT_STD),
                 pc.get("crop_pct", 0.875), pc.get("interpolation", "bilinear"), pc.get("label_names"))
     if not checkpoint:
-        raise RecipeError("no checkpoint given: pass --checkpoint FILE (or --model local-dir:FOLDER)")
+        raise CheckpointError("no checkpoint given: pass --checkpoint FILE (or --model local-dir:FOLDER)")
     ck = read_checkpoint(checkpoint, "checkpoint")  # an empty, damaged or code-running file: one line
     lacking = [k for k in ("model", "model_name", "num_classes", "image_size") if k not in ck]
     if lacking:
-        raise RecipeError(f"{checkpoint} is not a classification checkpoint of this trainer (it has no "
-                          f"{', '.join(lacking)}); for converted weights pass --model local-dir:FOLDER")
+        raise CheckpointError(f"{checkpoint} is not a classification checkpoint of this trainer (it has no "
+                              f"{', '.join(lacking)}); for converted weights pass --model local-dir:FOLDER")
     from .trainer import build_model
 
     name = model or ck["model_name"]
@@ -53,12 +53,12 @@ def check_classes(data: str, num_classes: int, class_names, source: str) -> None
     if names is None:
         return
     if len(names) != num_classes:
-        raise RecipeError(f"{data} has {len(names)} class folders but {source} has a {num_classes}-class head: "
-                          "evaluate it on data of the classes it was trained on")
+        raise ClassMismatch(f"{data} has {len(names)} class folders but {source} has a {num_classes}-class head: "
+                            "evaluate it on data of the classes it was trained on")
     if class_names is not None and list(class_names) != names:
         k = next(i for i, (a, b) in enumerate(zip(names, class_names)) if a != b)
-        raise RecipeError(f"{data}'s class folders are not the classes {source} was trained on: class {k} is "
-                          f"{names[k]!r} here but {class_names[k]!r} there")
+        raise ClassMismatch(f"{data}'s class folders are not the classes {source} was trained on: class {k} is "
+                            f"{names[k]!r} here but {class_names[k]!r} there")
 
 
 class _LabelsInRange:
@@ -72,8 +72,8 @@ class _LabelsInRange:
             y = torch.as_tensor(y)
             if len(y) and (int(y.max()) >= self.num_classes or int(y.min()) < 0):
                 bad = int(y.max()) if int(y.max()) >= self.num_classes else int(y.min())
-                raise RecipeError(f"{self.data} has class label {bad} but {self.source} has a {self.num_classes}-class "
-                                  "head: evaluate it on data of the classes it was trained on")
+                raise ClassMismatch(f"{self.data} has class label {bad} but {self.source} has a {self.num_classes}-class "
+                                    "head: evaluate it on data of the classes it was trained on")
             yield x, y
 
     def __len__(self):

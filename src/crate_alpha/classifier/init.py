@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 
 from ..common import load_weights, local_dir, read_state_dict, timm_folder_config
-from ..recipe import RecipeError
+from ..errors import CheckpointError
 
 _log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ def read_state(source: str) -> Dict[str, torch.Tensor]:
     if folder is not None:
         f = folder / "model.safetensors"
         if not f.is_file():
-            raise RecipeError(f"{folder} is not a timm model folder (no model.safetensors)")
+            raise CheckpointError(f"{folder} is not a timm model folder (no model.safetensors)")
         return read_state_dict(f, "initial_checkpoint")
     # checked: an empty, damaged or code-running file is named in one line; this trainer's
     # checkpoints hold their weights under "model"
@@ -47,8 +47,8 @@ def load_encoder(model: torch.nn.Module, source: str, new_head: bool, load_patch
         if "head.weight" not in own or own["head.weight"].shape[0] != head_w.shape[0]:
             theirs = head_w.shape[0]
             ours = own["head.weight"].shape[0] if "head.weight" in own else 0
-            raise RecipeError(f"{source} has a {theirs}-class head but the model has {ours} classes; set "
-                              "new_head=True to start a new head (or num_classes to match)")
+            raise CheckpointError(f"{source} has a {theirs}-class head but the model has {ours} classes; set "
+                                  "new_head=True to start a new head (or num_classes to match)")
     if new_head or head_w is None:
         for k in ("head.weight", "head.bias"):
             if k in sd:
@@ -62,8 +62,8 @@ def load_encoder(model: torch.nn.Module, source: str, new_head: bool, load_patch
     else:
         for k in [k for k in sd if k.startswith("patch_embed.")]:
             if k in own and own[k].shape != sd[k].shape:
-                raise RecipeError(f"{k} is {tuple(sd[k].shape)} in {source} but {tuple(own[k].shape)} here "
-                                  "(another patch size?): set load_patch_embed=False to re-initialise it")
+                raise CheckpointError(f"{k} is {tuple(sd[k].shape)} in {source} but {tuple(own[k].shape)} here "
+                                      "(another patch size?): set load_patch_embed=False to re-initialise it")
     # a head or patch embedding left out above is new; any other missing, unexpected or
     # mis-shaped key means another model's file, named in one line
     missing = load_weights(model, sd, f"initial_checkpoint {source}", "the model",

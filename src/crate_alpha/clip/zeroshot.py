@@ -20,19 +20,19 @@ import crate_alpha  # noqa: F401  (registers CRATE-α in timm and open_clip)
 from ..common import atomic_write, check_open_clip_checkpoint, local_dir
 from ..convert.folders import TOKENIZER_FILES
 from ..data import ownership
-from ..errors import DataError, EvalError
+from ..errors import CheckpointError, DataError, EvalError, ModelConfigError
 
 IMAGENET_ROOT = "zero-shot ImageNet root"  # the kind recorded in the --cache folder's marker
 TABLE_SUFFIXES = (".csv", ".md")  # an --out naming one of the tables is taken as the prefix without it
 RESULT_KEYS = ("dataset", "model", "metrics")  # what every clip_benchmark result file holds
 
 
-def _read_json(path: os.PathLike, what: str):
+def _read_json(path: os.PathLike, what: str, error=EvalError):
     """The JSON in ``path``; a file that is not JSON is named in one line."""
     try:
         return json.loads(Path(path).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvalError(f"{path} is not valid JSON ({e}); {what}") from None
+        raise error(f"{path} is not valid JSON ({e}); {what}") from None
 
 
 def _check_model(model: str, checkpoint: Optional[str]) -> None:
@@ -41,17 +41,17 @@ def _check_model(model: str, checkpoint: Optional[str]) -> None:
     folder = local_dir(model)
     if folder is not None:
         if not (folder / "open_clip_config.json").is_file():
-            raise EvalError(f"{folder} is not an open_clip model folder (no open_clip_config.json)")
-        cfg = _read_json(folder / "open_clip_config.json", "convert the model folder again")
+            raise CheckpointError(f"{folder} is not an open_clip model folder (no open_clip_config.json)")
+        cfg = _read_json(folder / "open_clip_config.json", "convert the model folder again", CheckpointError)
         text_cfg = cfg.get("model_cfg", {}).get("text_cfg", {}) if isinstance(cfg, dict) else {}
         if text_cfg.get("hf_tokenizer_name") and not any((folder / f).is_file() for f in TOKENIZER_FILES[1:3]):
-            raise EvalError(f"{folder} has no tokenizer files ({text_cfg['hf_tokenizer_name']}); convert it again "
-                            "with `crate-alpha convert ... --tokenizer DIR`, or online so the Hub provides them")
+            raise CheckpointError(f"{folder} has no tokenizer files ({text_cfg['hf_tokenizer_name']}); convert it "
+                                  "again with `crate-alpha convert ... --tokenizer DIR`, or online so the Hub provides them")
     elif model not in open_clip.list_models():
         names = ", ".join(n for n in open_clip.list_models() if "crate" in n)
-        raise EvalError(f"unknown model {model!r}; CRATE-α models: {names}")
+        raise ModelConfigError(f"unknown model {model!r}; CRATE-α models: {names}")
     if checkpoint and not os.path.isfile(checkpoint):
-        raise EvalError(f"checkpoint {checkpoint} does not exist")
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
     if checkpoint:  # read and fitted before clip_benchmark, which would end in a traceback
         check_open_clip_checkpoint(model, checkpoint)
 
@@ -105,18 +105,18 @@ def imagenet_root(val_dir: str, cache: str) -> str:
     """
     val = Path(val_dir).resolve()
     if not val.is_dir():
-        raise EvalError(f"ImageNet validation folder {val} does not exist")
+        raise DataError(f"ImageNet validation folder {val} does not exist")
     wnids = sorted(p.name for p in val.iterdir() if p.is_dir())
     if len(wnids) != 1000:
-        raise EvalError(f"{val} has {len(wnids)} class folders; ImageNet-1K validation needs 1000 (one per WordNet id)")
+        raise DataError(f"{val} has {len(wnids)} class folders; ImageNet-1K validation needs 1000 (one per WordNet id)")
     root = Path(cache)
     link = root / "val"
     try:
         ownership.check_may_write(str(root), IMAGENET_ROOT)
     except DataError as e:
-        raise EvalError(f"--cache: {e}") from None
+        raise DataError(f"--cache: {e}") from None
     if os.path.lexists(link) and not link.is_symlink():
-        raise EvalError(f"{link} is not the link to the validation folder this command made; nothing was changed. "
+        raise DataError(f"{link} is not the link to the validation folder this command made; nothing was changed. "
                         "Move it away, or give another --cache")
     ownership.claim(str(root), IMAGENET_ROOT)
     if not (link.is_symlink() and link.resolve() == val):

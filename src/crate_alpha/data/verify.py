@@ -19,6 +19,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..errors import DataError
 from . import storage
 from .decode import check_area, image_size
 from .tarstream import tar_members
@@ -178,10 +179,10 @@ def _not_a_file(path: storage.Where) -> str:
 def verify_folder(folder: storage.Where, require_caption: bool = True) -> List[ShardReport]:
     """Check every ``*.tar`` of ``folder`` (a local path or an fsspec URL such as ``s3://bucket/shards``)."""
     if not storage.isdir(folder):
-        raise FileNotFoundError(f"shard folder {folder} does not exist")
+        raise DataError(f"shard folder {folder} does not exist")
     shards = storage.glob(folder, "*.tar")
     if not shards:
-        raise FileNotFoundError(f"no .tar shards in {folder}")
+        raise DataError(f"no .tar shards in {folder}")
     return [verify_shard(s, require_caption) for s in shards]
 
 
