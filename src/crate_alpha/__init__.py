@@ -8,20 +8,18 @@ hook ``_crate_alpha_autoload``; ``CRATE_ALPHA_AUTOLOAD=0`` turns it off).
 """
 from pathlib import Path
 
+from .models.layers import ISTA, MSSA, ODL, sincos_2d_pos_embed
 from .models.crate_alpha import (
     CRATE_ALPHA_SIZES,
-    MSSA,
-    ODL,
     CrateAlpha,
     checkpoint_filter_fn,
     custom_variant_name,
     list_crate_alpha_models,
-    sincos_2d_pos_embed,
     unknown_model_message,
     variant_args,
     variant_name,
 )
-from .models.crate import ISTA, Crate
+from .models.crate import Crate
 
 __version__ = "0.1.0"
 

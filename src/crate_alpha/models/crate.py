@@ -50,52 +50,20 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Format, PatchEmbed, resample_abs_pos_embed, to_2tuple
+from timm.layers import Format, PatchEmbed, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .crate_alpha import MSSA, ODL, SparseCodingLayer, build_variant, pretrained_cfg
+from .crate_alpha import build_variant, pretrained_cfg
+from .layers import ISTA, MSSA, ODL, resample_pos_embed_on_load
 
 __all__ = ["ISTA", "CrateBlock", "CratePatchEmbed", "Crate", "CRATE_SIZES", "ABLATION_LADDER",
            "checkpoint_filter_fn", "list_crate_models"]
 
 
 # --------------------------------------------------------------------------------------
-# Operators
+# Blocks (the operators, ISTA among them, are in models/layers.py)
 # --------------------------------------------------------------------------------------
-
-class ISTA(SparseCodingLayer):
-    """One ISTA step on a square dictionary, CRATE's sparse-coding block.
-
-    With ``D x := F.linear(x, weight)`` (``weight`` of shape (d, d))::
-
-        out = relu(x + eta * D^T (x - D x) - eta * lambda)
-
-    ``hidden_features`` must be the width (or None). ``drop`` is output dropout (the
-    original accepts a dropout rate and ignores it; its models use 0).
-    """
-
-    def build(self, in_features: int, hidden_features: Optional[int], dd: Dict[str, Any]) -> None:
-        if hidden_features not in (None, in_features):
-            raise ValueError(f"ISTA's dictionary is square: hidden_features must equal in_features ({in_features}), "
-                             f"got {hidden_features}")
-        self.weight = nn.Parameter(torch.empty(in_features, in_features, **dd))
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight)  # the original's init (a=0)
-
-    def init_weights(self) -> None:
-        # timm's init hook: keep the original's kaiming-uniform dictionary.
-        self.reset_parameters()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = x - F.linear(x, self.weight)  # x - D x
-        x = F.relu(x + self.eta * F.linear(residual, self.weight.t()) - self.eta * self.lmbda)
-        return self.drop(x)
-
-    def extra_repr(self) -> str:
-        return f"dict={tuple(self.weight.shape)}, eta={self.eta}, lmbda={self.lmbda}"
-
 
 class CrateBlock(Block):
     """timm's pre-norm ``Block`` with an optional residual around the MLP (sparse-coding) step.
@@ -267,6 +235,13 @@ class Crate(VisionTransformer):
     def fix_init_weight(self) -> None:
         raise ValueError("fix_init rescales an MLP's fc2, which CRATE's blocks do not have")
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A position grid of another resolution is resampled on any load, as CrateAlpha's.
+        resample_pos_embed_on_load(self, state_dict, prefix + "pos_embed")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
 
 # --------------------------------------------------------------------------------------
 # Configs, checkpoint conversion, registrations
@@ -329,7 +304,8 @@ _RENAMES = [
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
     """Rename an official CRATE state dict to this model's names (timm ones pass through).
 
-    Also strips DDP's ``module.`` prefix and resamples the position grid to the model's.
+    Also strips DDP's ``module.`` prefix. A position grid of another resolution is
+    resampled when the result is loaded (``Crate._load_from_state_dict``).
     """
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
@@ -341,12 +317,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTrans
             if n:
                 break
         out[key] = value
-    pe = out.get("pos_embed")
-    if pe is not None and model.pos_embed is not None and pe.shape != model.pos_embed.shape:
-        n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        side = int(round((pe.shape[1] - n_prefix) ** 0.5))
-        out["pos_embed"] = resample_abs_pos_embed(pe, new_size=model.patch_embed.grid_size, old_size=(side, side),
-                                                  num_prefix_tokens=n_prefix)
     return out
 
 

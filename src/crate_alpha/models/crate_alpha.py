@@ -15,7 +15,8 @@ layer scale, gradient checkpointing, ``forward_intermediates``, ``group_matcher`
 * position grids resampled on *any* ``load_state_dict`` (timm, open_clip, plain torch),
   so a checkpoint trained at 84 px loads into a 224 px model and back.
 
-Reads top-down: operators, model, configs, released weights, registrations. The fixed
+The operators live in :mod:`crate_alpha.models.layers` (re-exported here). Reads
+top-down: model, configs, released weights, registrations. The fixed
 names (``list_crate_alpha_models()``) carry the released weights as timm pretrained tags
 (``crate_alpha_base_patch16_224.in21k_ft_in1k``), converted from the official layouts on
 load. Any other shape is ``crate_alpha_custom``: its shape comes from ``model_args``
@@ -25,185 +26,27 @@ needs registering at run time.
 """
 from __future__ import annotations
 
-import math
 import re
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import PatchEmbed, resample_abs_pos_embed, to_2tuple
+from timm.layers import PatchEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from . import released
+from .layers import MSSA, ODL, SparseCodingLayer, resample_pos_embed_on_load, sincos_2d_pos_embed
 
-__all__ = ["MSSA", "ODL", "CrateAlpha", "CRATE_ALPHA_SIZES", "list_crate_alpha_models", "checkpoint_filter_fn"]
-
-
-# --------------------------------------------------------------------------------------
-# Operators
-# --------------------------------------------------------------------------------------
-
-class MSSA(nn.Module):
-    """Multi-head subspace self-attention.
-
-    One bias-free projection U per head serves as query, key and value:
-    ``softmax((xU)(xU)^T / sqrt(d_head)) (xU)``, heads concatenated, then a bias-free
-    output projection. The signature follows timm's ``Attention`` so timm's ``Block``
-    can build it.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = False,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[type] = None,
-            device=None,
-            dtype=None,
-            **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"MSSA: width {dim} is not divisible by {num_heads} heads")
-        if qk_norm or scale_norm:
-            raise ValueError("MSSA has one shared q=k=v projection; qk_norm/scale_norm do not apply")
-        dd = {"device": device, "dtype": dtype}
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)  # the subspace bases U, shared by q, k, v
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def init_weights(self) -> None:
-        # The paper's code draws the projections from normal(0.02), not timm's truncated normal.
-        for lin in (self.qkv, self.proj):
-            nn.init.normal_(lin.weight, std=0.02)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        B, N, C = x.shape
-        w = self.qkv(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        x = F.scaled_dot_product_attention(
-            w, w, w,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop if self.training else 0.,
-            is_causal=is_causal,
-        )
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
-
-
-class SparseCodingLayer(nn.Module):
-    """The base of CRATE's sparse-coding steps (CRATE-α's ODL, CRATE's ISTA).
-
-    They take the place of timm's ``Mlp`` in timm's ``Block``, which builds them with
-    ``Mlp``'s signature: ``act_layer``, ``norm_layer`` and ``bias`` are accepted and unused,
-    ``drop`` is output dropout. ``eta`` is the ISTA step size, ``lmbda`` the sparsity
-    penalty. Subclasses create their dictionaries in ``build``.
-    """
-
-    def __init__(
-            self,
-            in_features: int,
-            hidden_features: Optional[int] = None,
-            out_features: Optional[int] = None,
-            act_layer: Optional[type] = None,
-            norm_layer: Optional[type] = None,
-            bias: bool = False,
-            drop: float = 0.,
-            eta: float = 0.1,
-            lmbda: float = 0.1,
-            device=None,
-            dtype=None,
-            **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        if out_features not in (None, in_features):
-            raise ValueError(f"{type(self).__name__} maps the residual stream to itself: out_features must equal "
-                             f"in_features ({in_features}), got {out_features}")
-        self.eta = eta
-        self.lmbda = lmbda
-        self.build(in_features, hidden_features, {"device": device, "dtype": dtype})
-        self.drop = nn.Dropout(drop)
-        self.init_weights()
-
-    def build(self, in_features: int, hidden_features: Optional[int], dd: Dict[str, Any]) -> None:
-        raise NotImplementedError
-
-
-class ODL(SparseCodingLayer):
-    """Overcomplete dictionary learning: two ISTA steps, then decoding.
-
-    With D, D1 of shape (d, r*d) and eta = lambda = 0.1::
-
-        z1 = relu(eta * x D - eta * lambda)
-        z2 = relu(z1 - eta * (z1 D^T - x) D - eta * lambda)
-        out = z2 D1^T
-
-    ``hidden_features`` is the dictionary size (default 4d).
-    """
-
-    def build(self, in_features: int, hidden_features: Optional[int], dd: Dict[str, Any]) -> None:
-        hidden_features = hidden_features or 4 * in_features
-        self.D = nn.Parameter(torch.empty(in_features, hidden_features, **dd))
-        self.D1 = nn.Parameter(torch.empty(in_features, hidden_features, **dd))
-
-    def init_weights(self) -> None:
-        # kaiming-uniform on the (d, r*d) tensors, as the official code does.
-        nn.init.kaiming_uniform_(self.D)
-        nn.init.kaiming_uniform_(self.D1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eta, shrink = self.eta, self.eta * self.lmbda
-        Dt = self.D.t()
-        z1 = F.relu(eta * F.linear(x, Dt) - shrink)
-        residual = F.linear(z1, self.D) - x
-        z2 = F.relu(z1 - eta * F.linear(residual, Dt) - shrink)
-        return self.drop(F.linear(z2, self.D1))
-
-    def extra_repr(self) -> str:
-        return f"dict={tuple(self.D.shape)}, eta={self.eta}, lmbda={self.lmbda}"
+__all__ = ["MSSA", "ODL", "SparseCodingLayer", "sincos_2d_pos_embed", "CrateAlpha", "CRATE_ALPHA_SIZES",
+           "list_crate_alpha_models", "checkpoint_filter_fn"]
 
 
 # --------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------
-
-def sincos_2d_pos_embed(grid: Tuple[int, int], dim: int, temperature: float = 10000.) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding in big_vision's layout: [sin x, cos x, sin y, cos y].
-
-    Written here because timm's builder orders the four blocks differently, and the
-    paper's JAX checkpoints expect big_vision's order.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    h, w = grid
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                          indexing="ij")
-    omega = torch.arange(dim // 4, dtype=torch.float32) / max(dim // 4 - 1, 1)
-    omega = 1. / temperature ** omega
-    y = y.flatten()[:, None] * omega[None]
-    x = x.flatten()[:, None] * omega[None]
-    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
-
-
-def _grid_of(num_tokens: int, what: str) -> Tuple[int, int]:
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"{what}: {num_tokens} position tokens do not form a square grid")
-    return side, side
-
 
 def _patch_embed_with_bias(patch_bias: bool):
     # timm decides the patch-embedding bias from ``pre_norm``; CRATE-α decouples the two.
@@ -303,21 +146,7 @@ class CrateAlpha(VisionTransformer):
                               unexpected_keys, error_msgs):
         # Resample a position grid of another resolution here, so that every loader
         # (timm, open_clip, plain torch) gets it, not only timm's pretrained path.
-        key = prefix + "pos_embed"
-        if self.pos_embed is not None and key in state_dict:
-            src = state_dict[key]
-            if (src.ndim == 3 and src.shape[-1] == self.pos_embed.shape[-1]
-                    and src.shape[1] != self.pos_embed.shape[1]):
-                n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-                old_grid = _grid_of(src.shape[1] - n_prefix, f"checkpoint {key}")
-                state_dict[key] = resample_abs_pos_embed(
-                    src,
-                    new_size=self.patch_embed.grid_size,
-                    old_size=old_grid,
-                    num_prefix_tokens=n_prefix,
-                    interpolation="bilinear",
-                    antialias=False,
-                )
+        resample_pos_embed_on_load(self, state_dict, prefix + "pos_embed")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

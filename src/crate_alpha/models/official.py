@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .crate_alpha import MSSA, ODL
+from .layers import MSSA, ODL
 
 __all__ = ["ista", "mssa", "EinsumMSSA", "EinsumODL", "official_form"]
 
