@@ -204,47 +204,128 @@ def test_layer_diagnostics_on_a_model_with_known_dictionaries(tiny):
         assert row["recon_error"] == pytest.approx(recon.mean(), rel=1e-5)
 
 
-class _Ista(nn.Module):
-    """CRATE's ISTA step, as described for crate_alpha.models.crate (duck-typed: ``weight``, no ``D``)."""
+# --------------------------------------------------------------------------------------
+# A new operator: interpret asks the layer, so nothing in interpret names it
+# --------------------------------------------------------------------------------------
 
-    def __init__(self, d, eta=0.1, lmbda=0.1):
+class _GatedSubspaces(nn.Module):
+    """A new attention operator (token statistics, no N x N attention, as ToST's TSSA): per-head
+    projections U_k^T z, each token weighted by a softmax over the tokens of its energy in the head."""
+
+    def __init__(self, dim, heads):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
-        self.eta, self.lmbda = eta, lmbda
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.U = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def subspace_features(self, x):
+        B, N, _ = x.shape
+        return self.U(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        w = self.subspace_features(x)
+        gate = w.pow(2).mean(-1, keepdim=True).softmax(dim=2)
+        return self.out((gate * w * w.shape[2]).transpose(1, 2).flatten(2))
+
+
+class _SubspaceAttention(_GatedSubspaces):
+    """The same operator with N x N attention, which it says through attention_map."""
+
+    def attention_map(self, x):
+        w = self.subspace_features(x)
+        return (w @ w.transpose(-2, -1) / math.sqrt(self.head_dim)).softmax(dim=-1)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return self.out((self.attention_map(x) @ self.subspace_features(x)).transpose(1, 2).flatten(2))
+
+
+class _Threshold(nn.Module):
+    """A new sparse-coding operator: one non-negative soft threshold of x A, decoded by A."""
+
+    def __init__(self, dim, atoms, threshold=0.3):
+        super().__init__()
+        self.atoms = nn.Parameter(torch.randn(dim, atoms) / math.sqrt(dim))
+        self.threshold = threshold
+
+    def sparse_code(self, x):
+        return F.relu(x @ self.atoms - self.threshold)
+
+    def reconstruct(self, z):
+        return z @ self.atoms.T
 
     def forward(self, x):
-        W = self.weight
-        grad = F.linear(x, W.t()) - F.linear(F.linear(x, W), W.t())
-        return F.relu(x + self.eta * grad - self.eta * self.lmbda)
+        return self.reconstruct(self.sparse_code(x))
 
 
-class _CrateBlock(nn.Module):
-    """CRATE's block: ISTA on the normed mid stream, with no residual around it."""
-
-    def __init__(self, blk):
-        super().__init__()
-        self.norm1, self.attn, self.norm2 = blk.norm1, blk.attn, blk.norm2
-        self.mlp = _Ista(blk.norm1.normalized_shape[0])
-
-    def forward(self, x):
-        return self.mlp(self.norm2(x + self.attn(self.norm1(x))))
+def _with_new_operators(model, attention=_GatedSubspaces):
+    for blk in model.blocks:
+        blk.attn, blk.mlp = attention(32, 2), _Threshold(32, 96)
+    return model.eval()
 
 
-def test_crate_ista_blocks_by_duck_typing(tiny):
-    tiny.blocks = nn.Sequential(*[_CrateBlock(b) for b in tiny.blocks])
+def test_a_new_operator_needs_no_change_in_interpret(tiny):
+    model = _with_new_operators(tiny)
+    x = _images(3)
+    tr = interpret.trace(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(tr.output, model.forward_features(x), rtol=0, atol=1e-5)
+    rows = interpret.layer_diagnostics(model, x)
+    assert [r["layer"] for r in rows] == [1, 2]
+    for blk, rec, row in zip(model.blocks, tr.blocks, rows):
+        assert rec.kind == "_threshold" and rec.attn is None  # no attention_map: none recorded
+        torch.testing.assert_close(rec.features, blk.attn.subspace_features(rec.attn_in), rtol=0, atol=0)
+        # the code, its sparsity and its reconstruction error, by hand from the operator's weights
+        u, A = rec.mlp_in.double(), blk.mlp.atoms.detach().double()
+        z = F.relu(u @ A - 0.3)
+        torch.testing.assert_close(rec.code.double(), z, rtol=1e-5, atol=1e-6)
+        assert row["sparsity"] == pytest.approx((rec.code == 0).double().mean().item())
+        assert 0.05 < row["sparsity"] < 0.95
+        err = (z @ A.T - u).flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1)
+        assert row["recon_error"] == pytest.approx(err.mean().item(), rel=1e-5)
+        ref = _rate_by_gram(rec.attn_in, blk.attn.U.weight.detach(), heads=2).mean().item()
+        assert row["coding_rate"] == pytest.approx(ref, rel=1e-6)
+    assert interpret.maskcut(model, x, num_masks=2).shape == (3, 2, 32, 32)
+    assert interpret.pca_features(model, x)["rgb"].shape == (3, 4, 4, 3)
+    # the class-token attention needs an attention map, which this operator does not have
+    for f in (interpret.attention, interpret.coarse_segmentation):
+        with pytest.raises(ValueError, match="attention_map"):
+            f(model, x)
+
+
+def test_a_new_operator_with_an_attention_map(tiny):
+    model = _with_new_operators(tiny, attention=_SubspaceAttention)
+    x = _images(2)
+    att = interpret.attention(model, x)
+    assert att.shape == (2, 2, 2, 4, 4)
+    tr = interpret.trace(model, x)
+    for blk, rec, rows in zip(model.blocks, tr.blocks, att.unbind(1)):
+        with torch.no_grad():
+            probs = blk.attn.attention_map(rec.attn_in)
+        torch.testing.assert_close(rec.attn, probs)
+        torch.testing.assert_close(rows, probs[:, :, 0, 1:].reshape(2, 2, 4, 4))
+    assert interpret.coarse_segmentation(model, x).shape == (2, 32, 32)
+
+
+def test_an_operator_outside_the_protocol_is_refused(tiny):
+    tiny.blocks[1].attn = nn.Identity()  # neither subspace_features nor timm's Attention
+    with pytest.raises(ValueError, match="block 1's attention Identity has no subspace_features"):
+        interpret.encoder(tiny)
+    with pytest.raises(ValueError, match="not a sparse-coding operator"):
+        interpret.sparse_code(nn.Linear(4, 4), torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match="no dictionary"):
+        interpret.dictionary_error(nn.Linear(4, 4), torch.randn(1, 2, 4), torch.randn(1, 2, 4))
+
+
+def test_the_operators_say_what_interpret_records(tiny):
+    """CRATE-α's MSSA and ODL: the trace holds exactly what their methods compute."""
     x = _images(2)
     tr = interpret.trace(tiny, x)
-    with torch.no_grad():
-        torch.testing.assert_close(tr.output, tiny.forward_features(x), rtol=0, atol=1e-5)
-        rows = interpret.layer_diagnostics(tiny, x)
-        for blk, rec, row in zip(tiny.blocks, tr.blocks, rows):
-            assert rec.kind == "ista"
-            torch.testing.assert_close(rec.code, rec.out)  # the block's output is its sparse code
-            z = rec.code.double()
-            ref = (F.linear(z, blk.mlp.weight.double()) - rec.mlp_in.double()).flatten(1).norm(dim=1)
-            ref = ref / rec.mlp_in.double().flatten(1).norm(dim=1)
-            assert row["recon_error"] == pytest.approx(ref.mean().item(), rel=1e-6)
-            assert row["sparsity"] == pytest.approx((z == 0).double().mean().item())
+    for blk, rec in zip(tiny.blocks, tr.blocks):
+        with torch.no_grad():
+            assert torch.equal(rec.features, blk.attn.subspace_features(rec.attn_in))
+            assert torch.equal(rec.attn, blk.attn.attention_map(rec.attn_in))
+            assert torch.equal(rec.code, blk.mlp.sparse_code(rec.mlp_in))
+            assert torch.equal(interpret.sparse_code(blk.mlp, rec.mlp_in), rec.code)
 
 
 @pytest.mark.parametrize("size", [64, 96])

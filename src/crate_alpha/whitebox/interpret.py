@@ -21,14 +21,22 @@ embedding is resampled to the image's grid), and it records each block's interme
 tensors through hooks on the block's ``attn`` and ``mlp``, so the block's own forward
 (residual or not) is what runs.
 
-Three encoders are understood, by duck typing of the blocks:
+The blocks' operators are asked what they compute (the protocol of
+:mod:`crate_alpha.models.layers`), never recognised by the shapes of their weights:
 
-* CRATE-α (``MSSA`` + ``ODL``): ``attn.qkv`` is one bias-free ``Linear(d, d)``, the
-  per-head bases U shared as q = k = v; ``mlp`` has dictionaries ``D``, ``D1``.
-* CRATE (``crate_alpha.models.crate``): the same attention; ``mlp`` is an ISTA step with a
-  d x d dictionary ``weight`` and no residual around it.
-* a timm ViT: ``attn.qkv`` is ``Linear(d, 3d)``; the *keys* stand in for the subspace
-  projections (as DINO and CutLER use them), and the MLP has no dictionary.
+* the attention (``blk.attn``) gives ``subspace_features(x)``: the per-head projections
+  U_k^T z of its input, (B, heads, N, p), and optionally ``attention_map(x)``: the
+  (B, heads, N, N) attention probabilities (needed by :func:`attention` and
+  :func:`coarse_segmentation` only);
+* the sparse-coding step (``blk.mlp``) gives ``sparse_code(x)``: its (B, N, K) code, and
+  optionally ``reconstruct(z)``: the dictionary's synthesis D z of its input (for
+  :func:`dictionary_error`).
+
+``x`` is the operator's own input (after the block's norm). CRATE-α's MSSA and ODL and
+CRATE's ISTA implement it, and so does any new operator that has these methods. timm's
+plain ViT blocks are read through a small adapter for timm's ``Attention`` and ``Mlp``
+classes: the *keys* stand in for the subspace projections (as DINO and CutLER use them),
+the MLP's hidden activations for the code, and there is no dictionary.
 
 Every function takes ``images`` as a float tensor (B, 3, H, W) already normalised for the
 model, and as ``model`` anything :func:`encoder` accepts. Results come back on the CPU.
@@ -43,6 +51,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from timm.layers import Attention as TimmAttention
+from timm.layers import Mlp as TimmMlp
 
 from ..common import CrateAlphaError, folder_kind, model_folder
 
@@ -119,9 +130,74 @@ def encoder(model) -> nn.Module:
                          "and blocks, an open_clip model with a timm tower (visual.trunk), or a string naming one "
                          "(open_clip's own VisionTransformer tower is not supported)")
     for i, blk in enumerate(m.blocks):
-        if not (hasattr(blk, "attn") and hasattr(blk.attn, "qkv") and hasattr(blk, "mlp")):
-            raise ValueError(f"block {i} of {type(m).__name__} has no attn.qkv / mlp: not a ViT-style encoder")
+        if not (hasattr(blk, "attn") and hasattr(blk, "mlp")):
+            raise ValueError(f"block {i} of {type(m).__name__} has no attn / mlp: not a ViT-style encoder")
+        if _attention_view(blk.attn) is None:
+            raise ValueError(f"block {i}'s attention {type(blk.attn).__name__} has no subspace_features(x) and is "
+                             "not timm's Attention: interpret cannot read its subspaces")
     return m.eval()
+
+
+# --------------------------------------------------------------------------------------
+# The operators, as interpret asks them
+# --------------------------------------------------------------------------------------
+
+class _TimmAttention:
+    """timm's ``Attention`` in the operator protocol: its keys are the subspace features."""
+
+    def __init__(self, attn: TimmAttention) -> None:
+        self.attn = attn
+
+    def _queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        a = self.attn
+        B, N, _ = x.shape
+        q, k, _ = a.qkv(x).view(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return a.q_norm(q), a.k_norm(k)
+
+    def subspace_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._queries_keys(x)[1]
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self._queries_keys(x)
+        return ((q.float() * self.attn.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
+
+
+class _TimmMlp:
+    """timm's ``Mlp`` in the operator protocol: its hidden activations are the code (no dictionary)."""
+
+    def __init__(self, mlp: TimmMlp) -> None:
+        self.mlp = mlp
+
+    def sparse_code(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.act(self.mlp.fc1(x))
+
+
+def _attention_view(attn: nn.Module):
+    """The attention operator itself when it speaks the protocol, timm's through its adapter, else None."""
+    if hasattr(attn, "subspace_features"):
+        return attn
+    if isinstance(attn, TimmAttention):
+        return _TimmAttention(attn)
+    return None
+
+
+def _coding_view(mlp: nn.Module):
+    """The sparse-coding operator when it speaks the protocol, timm's Mlp through its adapter, else None."""
+    if hasattr(mlp, "sparse_code"):
+        return mlp
+    if isinstance(mlp, TimmMlp):
+        return _TimmMlp(mlp)
+    return None
+
+
+def _kind(mlp: nn.Module) -> str:
+    view = _coding_view(mlp)
+    return "mlp" if view is None or isinstance(view, _TimmMlp) else type(mlp).__name__.lower()
+
+
+def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return default if p is None else p.dtype
 
 
 # --------------------------------------------------------------------------------------
@@ -134,13 +210,16 @@ class BlockTrace:
 
     x: (B, N, d) the block's input tokens.
     attn_in: (B, N, d) the tokens entering attention (norm1 of x).
-    features: (B, heads, N, p) per-head subspace projections U_k^T z (CRATE) or keys (ViT).
-    attn: (B, heads, N, N) attention probabilities, or None when not requested.
+    features: (B, heads, N, p) the attention's ``subspace_features``: per-head subspace
+        projections U_k^T z (CRATE), or the keys (timm ViT).
+    attn: (B, heads, N, N) attention probabilities, or None when not requested (or the
+        attention gives no ``attention_map``).
     attn_out: (B, N, d) the attention branch's output (before layer scale and residual).
     mlp_in: (B, N, d) the tokens entering the MLP / ODL / ISTA (norm2 of the mid stream).
-    code: (B, N, K) ODL's z2, ISTA's z, or a ViT MLP's hidden activations; None when not
-        requested (or a ViT MLP without an ``act`` module).
-    kind: "odl", "ista" or "mlp".
+    code: (B, N, K) the MLP step's ``sparse_code``: ODL's z2, ISTA's z, or a timm MLP's
+        hidden activations; None when not requested (or the MLP gives no code).
+    kind: the sparse-coding operator's class name in lower case ("odl", "ista", ...), or
+        "mlp" for an MLP that is not one (timm's).
     out: (B, N, d) the block's output tokens.
     """
 
@@ -177,14 +256,6 @@ class Trace:
         return tokens[:, self.num_prefix_tokens:]
 
 
-def _mlp_kind(mlp: nn.Module) -> str:
-    if hasattr(mlp, "D") and hasattr(mlp, "D1"):
-        return "odl"
-    if hasattr(mlp, "weight") and not hasattr(mlp, "D"):
-        return "ista"
-    return "mlp"
-
-
 def _prefix(enc: nn.Module) -> Tuple[int, bool]:
     has_cls = getattr(enc, "cls_token", None) is not None
     reg = getattr(enc, "reg_token", None)
@@ -203,7 +274,7 @@ def _pos_embed_for(enc: nn.Module, grid: Tuple[int, int]) -> Optional[torch.Tens
     embed_prefix = 0 if getattr(enc, "no_embed_class", False) else n_prefix
     if getattr(enc, "pos_embed_type", None) == "sincos":
         # A fixed sin-cos embedding is regenerated at the new grid, as CrateAlpha.set_input_size does.
-        from ..models.crate_alpha import sincos_2d_pos_embed
+        from ..models.layers import sincos_2d_pos_embed
 
         pe = sincos_2d_pos_embed(grid, pos.shape[-1]).to(pos)
         return torch.cat([pos.new_zeros(embed_prefix, pos.shape[-1]), pe], dim=0)[None]
@@ -260,52 +331,26 @@ def _check_images(enc: nn.Module, images) -> torch.Tensor:
 
 
 def _attention_parts(attn: nn.Module, z: torch.Tensor, with_attention: bool):
-    """(per-head features, attention probabilities) of an attention module on its input z."""
-    B, N, _ = z.shape
-    heads = attn.num_heads
-    out = attn.qkv.out_features
-    head_dim = getattr(attn, "head_dim", None) or out // heads
-    qkv = attn.qkv(z)
-    if out == heads * head_dim:
-        # MSSA: one projection per head is query, key and value.
-        w = qkv.view(B, N, heads, head_dim).transpose(1, 2)
-        q = k = w
-    elif out == 3 * heads * head_dim:
-        q, k, _ = qkv.view(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q = getattr(attn, "q_norm", nn.Identity())(q)
-        k = getattr(attn, "k_norm", nn.Identity())(k)
-        w = k
-    else:
-        raise ValueError(f"{type(attn).__name__}.qkv has {out} outputs: neither heads*head_dim nor 3x that")
+    """(per-head features, attention probabilities or None) of an attention module on its input z."""
+    view = _attention_view(attn)
     probs = None
-    if with_attention:
-        scale = getattr(attn, "scale", head_dim ** -0.5)
-        probs = ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
-    return w.float(), probs
+    if with_attention and hasattr(view, "attention_map"):
+        probs = view.attention_map(z).float()
+    return view.subspace_features(z).float(), probs
 
 
 @torch.no_grad()
 def sparse_code(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The sparse code a CRATE-α ODL (z2) or CRATE ISTA (z) block computes from its input x.
+    """The sparse code the block's sparse-coding step ``mlp`` computes from its input x.
 
-    ODL, in the code's ``F.linear`` conventions (D of shape (d, K))::
-
-        z1 = relu(eta * x D - eta * lmbda)
-        z2 = relu(z1 - eta * (z1 D^T - x) D - eta * lmbda)
-
-    ISTA (W of shape (d, d)): z = relu(x + eta * (x W - (x W^T) W) - eta * lmbda), i.e. the
-    module's own output.
+    The operator's own ``sparse_code(x)``: CRATE-α's ODL gives z2, CRATE's ISTA its output
+    z (see :mod:`crate_alpha.models.layers`); x is the operator's input (after norm2). A
+    timm ``Mlp`` gives its hidden activations.
     """
-    kind = _mlp_kind(mlp)
-    eta, lmbda = float(mlp.eta), float(mlp.lmbda)
-    if kind == "odl":
-        D = mlp.D
-        z1 = F.relu(eta * F.linear(x, D.t()) - eta * lmbda)
-        return F.relu(z1 - eta * F.linear(F.linear(z1, D) - x, D.t()) - eta * lmbda)
-    if kind == "ista":
-        W = mlp.weight
-        return F.relu(x + eta * (F.linear(x, W.t()) - F.linear(F.linear(x, W), W.t())) - eta * lmbda)
-    raise ValueError(f"{type(mlp).__name__} is not a sparse-coding block (no ODL dictionary D, no ISTA weight)")
+    view = _coding_view(mlp)
+    if view is None:
+        raise ValueError(f"{type(mlp).__name__} is not a sparse-coding operator (it has no sparse_code(x))")
+    return view.sparse_code(x)
 
 
 def _hook(store: dict, key: str):
@@ -321,19 +366,12 @@ def _record(blk: nn.Module, x: torch.Tensor, out: torch.Tensor, got: dict, with_
         if key not in got:
             raise ValueError(f"{type(blk).__name__} did not call its {key[:-3]} in forward")
     features, probs = _attention_parts(blk.attn, got["attn_in"], with_attention)
-    kind = _mlp_kind(blk.mlp)
-    if not with_code:
-        code = None
-    elif kind == "odl":
-        code = sparse_code(blk.mlp, got["mlp_in"])
-    elif kind == "ista":
-        code = got["mlp_out"]  # ISTA's output is its sparse code z
-    else:
-        code = got.get("act_out")
+    view = _coding_view(blk.mlp)
+    code = view.sparse_code(got["mlp_in"]) if with_code and view is not None else None
     return BlockTrace(
         x=x.float(), attn_in=got["attn_in"].float(), features=features, attn=probs,
         attn_out=got["attn_out"].float(), mlp_in=got["mlp_in"].float(),
-        code=None if code is None else code.float(), kind=kind, out=out.float(),
+        code=None if code is None else code.float(), kind=_kind(blk.mlp), out=out.float(),
     )
 
 
@@ -373,8 +411,6 @@ def trace(model, images: torch.Tensor, layers: Optional[Sequence[int]] = None, w
             got: dict = {}
             handles = [blk.attn.register_forward_hook(_hook(got, "attn"), with_kwargs=True),
                        blk.mlp.register_forward_hook(_hook(got, "mlp"), with_kwargs=True)]
-            if with_code and _mlp_kind(blk.mlp) == "mlp" and isinstance(getattr(blk.mlp, "act", None), nn.Module):
-                handles.append(blk.mlp.act.register_forward_hook(_hook(got, "act"), with_kwargs=True))
             try:
                 out = blk(x)
             finally:
@@ -406,8 +442,16 @@ def attention(model, images: torch.Tensor) -> torch.Tensor:
     prefix tokens are left out, so a row sums to at most 1). For an encoder without a
     class token, the row is the mean over all query tokens instead.
     """
-    tr = trace(model, images, with_code=False)
+    enc = encoder(model)
+    _check_attention_maps(enc, range(len(enc.blocks)))
+    tr = trace(enc, images, with_code=False)
     return torch.stack([_query_rows(tr, b.attn) for b in tr.blocks], dim=1).cpu()
+
+
+def _check_attention_maps(enc: nn.Module, indices) -> None:
+    for i in indices:
+        if not hasattr(_attention_view(enc.blocks[i].attn), "attention_map"):
+            raise ValueError(f"block {i}'s attention {type(enc.blocks[i].attn).__name__} gives no attention_map(x)")
 
 
 def _upsample(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -445,6 +489,7 @@ def coarse_segmentation(model, images: torch.Tensor, keep: float = 0.6, layer: i
         raise ValueError(f"merge must be 'majority' or 'union', got {merge!r}")
     enc = encoder(model)
     index = _layer_index(layer, len(enc.blocks))
+    _check_attention_maps(enc, [index])
     tr = trace(enc, images, layers=[index], with_code=False)
     rows = _query_rows(tr, tr.blocks[index].attn)                  # (B, heads, gh, gw)
     B, heads = rows.shape[:2]
@@ -656,20 +701,15 @@ def code_sparsity(code: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def dictionary_error(mlp: nn.Module, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """‖decode(code) − x‖_F / ‖x‖_F per image: (B,).
+    """‖D code − x‖_F / ‖x‖_F per image: (B,), D the dictionary of the sparse-coding step ``mlp``.
 
-    ODL decodes with its sparse-coding dictionary D: z2 D^T (``F.linear(z2, D)``; not D1,
-    which maps the code back into the residual stream). ISTA decodes with its W:
-    ``F.linear(z, W)``.
+    The operator's own ``reconstruct(z)``: ODL decodes with its sparse-coding dictionary
+    D (``F.linear(z2, D)``; not D1, which maps the code back into the residual stream),
+    ISTA with its W (``F.linear(z, W)``).
     """
-    kind = _mlp_kind(mlp)
-    if kind == "odl":
-        dic = mlp.D
-    elif kind == "ista":
-        dic = mlp.weight
-    else:
-        raise ValueError(f"{type(mlp).__name__} has no dictionary")
-    err = F.linear(code.to(dic.dtype), dic).double() - x.double()
+    if not hasattr(mlp, "reconstruct"):
+        raise ValueError(f"{type(mlp).__name__} has no dictionary (no reconstruct(z))")
+    err = mlp.reconstruct(code.to(_dtype_of(mlp, code.dtype))).double() - x.double()
     return err.flatten(1).norm(dim=1) / x.double().flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
@@ -678,12 +718,13 @@ def layer_diagnostics(model, images: torch.Tensor) -> List[dict]:
     """Per block: ``layer`` (1-based), ``coding_rate``, ``sparsity``, ``recon_error``, averaged over images.
 
     * coding_rate — :func:`coding_rate` of the tokens entering the block's attention
-      (after norm1, class token included) projected on each head's subspace (the head's
-      slice of ``qkv``; the keys for a ViT). Lower is more compressed.
-    * sparsity — share of exact zeros in the sparse code: ODL's z2 (after the second
-      ReLU), ISTA's output z; for a ViT the MLP's hidden activations (GELU: usually ~0).
+      (after norm1, class token included) projected on each head's subspace (the
+      attention's ``subspace_features``; the keys for a ViT). Lower is more compressed.
+    * sparsity — share of exact zeros in the sparse code (``sparse_code``): ODL's z2
+      (after the second ReLU), ISTA's output z; for a ViT the MLP's hidden activations
+      (GELU: usually ~0); None for an MLP that gives no code.
     * recon_error — :func:`dictionary_error` of that code against the block's MLP input
-      (after norm2); None for a ViT, which has no dictionary.
+      (after norm2); None for an operator without ``reconstruct`` (a ViT's MLP).
     """
     enc = encoder(model)
     tr = trace(enc, images, with_attention=False)
@@ -692,7 +733,8 @@ def layer_diagnostics(model, images: torch.Tensor) -> List[dict]:
         rate = coding_rate(rec.features).mean().item()
         sparsity = None if rec.code is None else code_sparsity(rec.code).mean().item()
         recon = None
-        if rec.kind != "mlp":
-            recon = dictionary_error(blk.mlp, rec.mlp_in.to(next(blk.mlp.parameters())), rec.code).mean().item()
+        if rec.code is not None and hasattr(blk.mlp, "reconstruct"):
+            x = rec.mlp_in.to(_dtype_of(blk.mlp, rec.mlp_in.dtype))
+            recon = dictionary_error(blk.mlp, x, rec.code).mean().item()
         rows.append({"layer": i + 1, "coding_rate": rate, "sparsity": sparsity, "recon_error": recon})
     return rows
