@@ -95,7 +95,8 @@ def test_attention_maps_and_curves(tmp_path):
     import open_clip
 
     from crate_alpha.whitebox.interpret import attention
-    from crate_alpha.visualize import open_clip_losses, plot_attention, plot_curves
+    from crate_alpha.visualize import open_clip_losses, plot_curves
+    from crate_alpha.whitebox.commands import plot_attention
 
     trunk = open_clip.create_model("crate-alpha-demo").visual.trunk
     x = torch.randn(2, 3, 64, 64)

@@ -1,12 +1,11 @@
-"""Pictures people would rather look at than numbers: training curves and MSSA attention maps."""
+"""Pictures people would rather look at than numbers: training curves and data-wait shares, and
+the one PNG writer (attention pictures, which need a model, are in ``whitebox.commands``)."""
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
 from typing import Dict, List
-
-import torch
 
 from .common import atomic_write
 
@@ -77,31 +76,6 @@ def plot_panels(panels: Dict[str, Dict[str, List[tuple]]], path: os.PathLike, xl
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend()
-    fig.tight_layout()
-    save_png(fig, Path(path))
-    return Path(path)
-
-
-def plot_attention(trunk, images: torch.Tensor, shown: torch.Tensor, path: os.PathLike) -> Path:
-    """One row per image: the image, then the class token's attention in each layer (mean over heads)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .whitebox.interpret import attention
-
-    maps = attention(trunk, images).mean(2)  # average heads
-    b, layers = maps.shape[:2]
-    fig, axes = plt.subplots(b, layers + 1, figsize=(1.6 * (layers + 1), 1.6 * b), squeeze=False)
-    for i in range(b):
-        axes[i, 0].imshow(shown[i].permute(1, 2, 0).clamp(0, 1).numpy())
-        for j in range(layers):
-            axes[i, j + 1].imshow(maps[i, j].numpy(), cmap="magma")
-            if i == 0:
-                axes[i, j + 1].set_title(f"layer {j + 1}", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
     fig.tight_layout()
     save_png(fig, Path(path))
     return Path(path)

@@ -526,9 +526,7 @@ CLIPA_SIZES = (84, 112, 224)
 def clipa_resolution(model: str, sizes, batch: int, device: torch.device, repeats: int = 1) -> dict:
     """Seconds per train step of the CLIPA image tower at each resolution (bf16 autocast,
     gradient checkpointing and AdamW, as the recipe), beside its token count and FLOPs."""
-
-    import crate_alpha  # noqa: F401  (registers the open_clip configs)
-
+    # the open_clip configs are registered already: importing this module imported crate_alpha
     rows = []
     for size in sizes:
         seconds, flops, tokens = _tower_step(model, size, batch, device, repeats)

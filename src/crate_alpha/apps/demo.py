@@ -100,7 +100,8 @@ def _pictures(out: Path, tags) -> None:
     import torch
     from PIL import Image
 
-    from ..visualize import open_clip_losses, plot_attention, plot_curves
+    from ..visualize import open_clip_losses, plot_curves
+    from ..whitebox.commands import plot_attention
 
     curves = {}
     for tag in tags:

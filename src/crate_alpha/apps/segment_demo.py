@@ -204,9 +204,7 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 def create(timm_name: str, **kwargs) -> torch.nn.Module:
-    import timm
-
-    import crate_alpha  # noqa: F401  (registers crate_alpha_* and the original CRATE's crate_* in timm)
+    import timm  # crate_alpha_* and CRATE's crate_* are registered in it (this package is imported)
     return timm.create_model(timm_name, num_classes=10, **kwargs)
 
 

@@ -15,9 +15,7 @@ from .data import check_path, class_names_of, eval_transform, make_loader
 
 def load_for_eval(model: Optional[str], checkpoint: Optional[str], use_ema: bool = False):
     """(model, image size, mean, std, crop_pct, interpolation, class names or None)."""
-    import timm
-
-    import crate_alpha  # noqa: F401
+    import timm  # CRATE-α is registered in it: importing this module imported crate_alpha first
 
     folder = local_dir(model)
     if folder is not None:

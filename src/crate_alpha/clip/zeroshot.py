@@ -15,8 +15,6 @@ from typing import List, Optional
 
 import torch
 
-import crate_alpha  # noqa: F401  (registers CRATE-α in timm and open_clip)
-
 from ..common import atomic_write, check_open_clip_checkpoint, local_dir
 from ..convert.folders import TOKENIZER_FILES
 from ..data import ownership

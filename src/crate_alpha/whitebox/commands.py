@@ -256,3 +256,27 @@ def plot_diagnostics(layers: List[dict], path: os.PathLike, title: str = "") -> 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_png(fig, Path(path))
+
+
+def plot_attention(trunk, images: torch.Tensor, shown: torch.Tensor, path: os.PathLike) -> Path:
+    """One row per image: the image, then the class token's attention in each layer (mean over heads)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .interpret import attention
+
+    maps = attention(trunk, images).mean(2)  # average heads
+    b, layers = maps.shape[:2]
+    fig, axes = plt.subplots(b, layers + 1, figsize=(1.6 * (layers + 1), 1.6 * b), squeeze=False)
+    for i in range(b):
+        axes[i, 0].imshow(shown[i].permute(1, 2, 0).clamp(0, 1).numpy())
+        for j in range(layers):
+            axes[i, j + 1].imshow(maps[i, j].numpy(), cmap="magma")
+            if i == 0:
+                axes[i, j + 1].set_title(f"layer {j + 1}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return save_png(fig, Path(path))
