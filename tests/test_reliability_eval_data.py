@@ -271,6 +271,12 @@ def test_segment_eval_out_is_checked_first(tmp_path, monkeypatch):
     with pytest.raises(WhiteboxError, match=f"{mine} exists and is not a segment-eval result"):
         segment_eval(TINY, mine, coco_images=tmp_path, coco_annotations=ann)
     assert mine.read_text() == '{"mine": true}'
+    under_a_file = mine / "deeper" / "results.json"
+    with pytest.raises(WhiteboxError, match=f"cannot write --out {under_a_file}: {mine} is a file, not a folder"):
+        segment_eval(TINY, under_a_file, coco_images=tmp_path, coco_annotations=ann)
+    monkeypatch.setattr("os.access", lambda *a, **k: False)  # tests run as root, which ignores permission bits
+    with pytest.raises(WhiteboxError, match=f"no permission to create entries in {tmp_path}"):
+        segment_eval(TINY, tmp_path / "new" / "results.json", coco_images=tmp_path, coco_annotations=ann)
 
 
 # ---- 22: zeroshot table --------------------------------------------------------------------

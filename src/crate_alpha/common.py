@@ -64,6 +64,23 @@ def _no_space(error: BaseException) -> Optional[OSError]:
     return None
 
 
+def check_writable_parent(path: os.PathLike, what: str = "", error=CrateAlphaError) -> Path:
+    """Refuse, before any work, a ``path`` that could not be created: its nearest existing
+    ancestor must be a folder we may create entries in. Returns that ancestor.
+
+    Root passes ``os.access`` regardless, so a read-only folder can still fail later, as an
+    OSError with its errno."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    named = f"{what} {path}" if what else str(path)
+    if not parent.is_dir():
+        raise error(f"cannot write {named}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"cannot write {named}: no permission to create entries in {parent}")
+    return parent
+
+
 def write_json(obj, path: os.PathLike) -> Path:
     def write(tmp):
         Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -31,8 +31,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..common import write_json
-from .commands import WhiteboxError, batches, normalisation, prepare
+from ..common import check_writable_parent, write_json
+from ..errors import WhiteboxError
+from .commands import batches, normalisation, prepare
 
 # the fields pycocotools reads from each entry (the category is replaced: the protocol is class-agnostic)
 IMAGE_FIELDS = ("id", "file_name", "width", "height")
@@ -234,13 +235,7 @@ def _check_out(out: Path) -> None:
         if not ours:
             raise WhiteboxError(f"{out} exists and is not a segment-eval result; nothing was changed. Give another "
                                 "--out, or move the file away")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise WhiteboxError(f"--out {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise WhiteboxError(f"--out {out}: cannot write in {parent} (permission denied); give another --out")
+    check_writable_parent(out, "--out", WhiteboxError)
 
 
 def segment_eval(model, out: os.PathLike, voc: Optional[os.PathLike] = None, coco_images=None,
