@@ -376,8 +376,8 @@ def test_cached_tokenizer_gives_open_clips_ids():
 
 
 def test_open_clip_train_loader_throughput(tmp_path):
-    # open_clip_train's own loader, with the patches, one worker: every sample arrives, in
-    # shared memory, normalised like open_clip's own path
+    # the loader open_clip_train trains from (its get_data as a CLIP run serves it), one worker:
+    # every sample arrives, in shared memory, normalised like open_clip's own path
     from crate_alpha.apps.bench_data import _demo_shards, _replicate, loader_throughput, train_loader
 
     urls = _replicate(_demo_shards(tmp_path, 40, 64)[0], 2)
@@ -391,7 +391,7 @@ def test_open_clip_train_loader_throughput(tmp_path):
         assert loader_throughput(urls, 32, reduced, batch=16, passes=1) > 0
     assert abs(means[0] - means[1]) < 0.05
     # the worker sends uint8 images, collated straight into shared memory; normalised after the loader
-    raw = train_loader(urls, 32, True, batch=16, workers=1)._loader
+    raw = train_loader(urls, 32, True, batch=16, workers=1)._batches
     images, _ = next(iter(raw))
     assert images.dtype == torch.uint8 and images.is_shared()
 

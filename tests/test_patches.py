@@ -1,4 +1,4 @@
-"""Each patch of another library's attribute (crate_alpha.clip.patches) fails here when the attribute moves."""
+"""The replacements of open_clip_train's attributes (crate_alpha.clip.patches): where they point, scoped to a run."""
 import importlib
 import inspect
 
@@ -17,46 +17,50 @@ def test_patched_attribute_is_where_the_patch_expects_it(module, attribute, use)
     assert use in inspect.getsource(mod), f"{module} no longer uses {attribute} as `{use}`"
 
 
-def test_open_clip_train_patches_take_effect():
+def _attributes():
     import open_clip_train.data as data
     import open_clip_train.main as main
 
-    from crate_alpha.data.decode import SkipCounter
-    from crate_alpha.clip.patches import SeededShuffle, _whole_save, cpu_safe_ddp, install
-
-    counter = SkipCounter()
-    install(counter, fast_decode=True)
-    assert main.torch.nn.parallel.DistributedDataParallel is cpu_safe_ddp
-    # open_clip_train's saving, each file written beside its name and renamed (whole or absent)
-    assert main.torch.save is _whole_save
-    assert isinstance(data.wds.shuffle(100), SeededShuffle)
-    # installed once per process: a later install counts into its own counter's shared value
-    assert data.tarfile_to_samples_nothrow.__defaults__[0].value is counter.value
-    data.log_and_continue(ValueError("damaged"))
-    assert counter.count == 1
-    opt = main.optim.AdamW([__import__("torch").nn.Parameter(__import__("torch").zeros(2))], lr=1e-3)
-    assert opt.defaults["fused"] is True
-    from crate_alpha.data.tokenize import CachedTokenizer
-
-    assert isinstance(main.get_tokenizer("crate-alpha-demo"), CachedTokenizer)
+    return {(m.__name__, a): getattr(m, a) for m in (main, data) for a in dir(m) if not a.startswith("__")}
 
 
-def test_loader_prefetch_and_shared_memory_collation():
-    import open_clip_train.data as data
+def test_patches_take_effect_for_one_run_and_are_undone(tmp_path):
+    import open_clip_train.main as main
     import torch
-    import webdataset as wds
 
-    from crate_alpha.data.decode import SkipCounter
-    from crate_alpha.clip.patches import install
+    from crate_alpha.clip.patches import ClipRun, patched
+    from crate_alpha.device import CpuDevice
 
-    install(SkipCounter(), fast_decode=True, prefetch_factor=5)
-    pipeline = wds.DataPipeline(lambda: iter([(torch.ones(3), torch.zeros(2))] * 4), data.wds.batched(2))
-    loader = data.wds.WebLoader(pipeline, batch_size=None, num_workers=1)
-    assert loader.pipeline[0].prefetch_factor == 5  # WebLoader wraps a torch DataLoader
-    batches = list(loader)
-    assert len(batches) == 2 and batches[0][0].shape == (2, 3) and batches[0][0].is_shared()
-    install(SkipCounter(), fast_decode=True)  # a second run in the process gets its own setting
-    assert data.wds.WebLoader(pipeline, batch_size=None, num_workers=1).pipeline[0].prefetch_factor == 2
+    before = _attributes()
+    with patched(ClipRun(CpuDevice(), prefetch_factor=3)) as run:
+        assert main.get_data.__closure__ and run in [c.cell_contents for c in main.get_data.__closure__]
+        ddp = main.torch.nn.parallel.DistributedDataParallel
+        assert ddp is not torch.nn.parallel.DistributedDataParallel
+        main.torch.save({"w": torch.ones(2)}, tmp_path / "epoch_1.pt")  # open_clip_train's call, whole or absent
+        assert torch.load(tmp_path / "epoch_1.pt")["w"].sum() == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt"]
+        opt = main.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        assert opt.defaults["fused"] is True
+        assert main.torch.zeros(1).shape == (1,)  # the rest of torch is torch
+    assert _attributes() == before, "an attribute of open_clip_train was left replaced"
+    with pytest.raises(KeyError):  # undone on an error too
+        with patched(ClipRun(CpuDevice())):
+            raise KeyError("boom")
+    assert _attributes() == before
+
+
+def test_two_runs_get_their_own_settings():
+    import open_clip_train.main as main
+
+    from crate_alpha.clip.patches import ClipRun, patched
+    from crate_alpha.device import CpuDevice
+
+    seen = []
+    for prefetch in (3, 5):
+        with patched(ClipRun(CpuDevice(), prefetch_factor=prefetch)):
+            seen.append([c.cell_contents.prefetch_factor for c in main.get_data.__closure__
+                         if isinstance(c.cell_contents, ClipRun)])
+    assert seen == [[3], [5]]
 
 
 def test_no_private_registry_is_replaced():

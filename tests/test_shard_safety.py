@@ -169,25 +169,26 @@ def test_pax_record_of_length_zero_or_negative_is_damage_not_a_loop(tmp_path):
 # ---- 8: a shard with no samples ------------------------------------------------------------------
 
 def test_open_clip_train_loader_ends_with_an_empty_shard(tmp_path):
-    # one loader worker gets only the empty shard: webdataset's with_epoch re-read it forever
+    # one loader worker gets only the empty shard: webdataset's with_epoch would re-read it forever
     d = tmp_path / "shards"
     d.mkdir()
     write_tar(d / "00000.tar", [(f"a{i}", {"jpg": jpeg_bytes(i), "txt": b"caption"}) for i in range(6)])
     write_tar(d / "00001.tar", [])
 
-    def batches():  # in the child: install() patches open_clip_train for that process only
-        import types
+    def batches():  # the loader open_clip_train's get_data gives a CLIP run
+        import argparse
 
-        import open_clip_train.data as data
+        import open_clip
 
-        from crate_alpha.clip.patches import BytesOrImage, install
+        from crate_alpha.clip.patches import ClipRun, get_data_for
+        from crate_alpha.device import CpuDevice
 
-        install(SkipCounter(), fast_decode=True)
-        args = types.SimpleNamespace(train_data=f"{d}/{{00000..00001}}.tar", train_num_samples=12, batch_size=2,
-                                     world_size=1, workers=2, seed=0, dataset_resampled=False,
-                                     train_data_upsampling_factors=None)
-        tf = BytesOrImage(train_transform(16, (0.5,) * 3, (0.5,) * 3, uint8=True), None)
-        info = data.get_wds_dataset(args, tf, is_train=True, epoch=0, tokenizer=lambda t: [t])
+        args = argparse.Namespace(train_data=f"{d}/{{00000..00001}}.tar", val_data=None, dataset_type="webdataset",
+                                  dataset_resampled=False, train_num_samples=12, batch_size=2, world_size=1, rank=0,
+                                  workers=2, seed=0)
+        get_data = get_data_for(ClipRun(CpuDevice(), SkipCounter()), original=None)
+        info = get_data(args, (open_clip.image_transform(16, is_train=True), None),
+                        tokenizer=open_clip.get_tokenizer("RN50"))["train"]
         return sum(1 for _ in info.dataloader)
 
     assert _forked(batches)[0] == 3  # the good shard's 6 samples; the empty one's worker ends its epoch

@@ -173,25 +173,48 @@ def test_torchrun_two_processes_then_zeroshot(demo_data, tmp_path):
     assert res2["metrics"]["acc1"] == pytest.approx(res["metrics"]["acc1"])
 
 
-def test_two_runs_in_one_process_keep_separate_logs(demo_data, tmp_path):
+def test_two_runs_in_one_process_each_get_their_own(demo_data, tmp_path, monkeypatch):
+    import open_clip_train.main as ocm
+
+    from crate_alpha.data import loader
+
+    seen = []
+    make_loader, make_pair = loader.loader, loader.ToPair
+
+    def spy_loader(dataset, workers, prefetch_factor=None):
+        seen.append(("prefetch", prefetch_factor))
+        return make_loader(dataset, workers, prefetch_factor)
+
+    def spy_pair(image_transform, *args):
+        seen.append(("image", type(image_transform).__name__))
+        return make_pair(image_transform, *args)
+
+    monkeypatch.setattr(loader, "loader", spy_loader)
+    monkeypatch.setattr(loader, "ToPair", spy_pair)
+    originals = (ocm.get_data, ocm.torch, ocm.optim, ocm.create_model_and_transforms)
     over = [f"train_data={demo_data[1]['train_shards']}", f"logs={tmp_path}", "epochs=1", "train_num_samples=64",
             "global_batch=32"]
-    run(DEMO_PRETRAIN, over + ["name=a"])
-    run(DEMO_PRETRAIN, over + ["name=b"])
+    run(DEMO_PRETRAIN, over + ["name=a", "prefetch_factor=3"])
+    run(DEMO_PRETRAIN, over + ["name=b", "fast_decode=False"])
+    # the reduced-size decode and prefetch 3 for the first run only; open_clip_train restored after each
+    assert seen == [("image", "Compose"), ("prefetch", 3), ("image", "_PilThen"), ("prefetch", 4)]  # 4: the recipe's
+    assert (ocm.get_data, ocm.torch, ocm.optim, ocm.create_model_and_transforms) == originals
     a = (tmp_path / "a" / "out.log").read_text()
     assert a.count("Start epoch 0") == 1 and str(tmp_path / "b") not in a
 
 
 def test_sample_shuffle_follows_the_seed():
-    from crate_alpha.clip.patches import SeededShuffle
+    from crate_alpha.data.loader import Epoch, SampleShuffle
 
     def order(seed):
-        torch.manual_seed(seed)
-        stage = SeededShuffle(bufsize=50, initial=10)
-        return [list(stage.run(iter(range(200)))) for _ in range(2)]  # two passes
+        epoch = Epoch(0)
+        stage = SampleShuffle(seed, epoch, bufsize=50, initial=10)
+        first = [list(stage(iter(range(200)))) for _ in range(2)]  # two passes within epoch 0
+        epoch.set_value(1)
+        return first + [list(stage(iter(range(200))))]
 
     a, b, c = order(0), order(0), order(1)
-    assert a == b and a != c and a[0] != a[1] and sorted(a[0]) == list(range(200))
+    assert a == b and a != c and a[0] != a[1] != a[2] and sorted(a[0]) == list(range(200))
 
 
 def test_xla_and_remote_data_errors_are_clear(tmp_path, no_model_build):

@@ -5,9 +5,9 @@ a sample, one at a time on one core: tar read, JPEG decode (plain, and reduced-s
 the crop), random resized crop, to-tensor + normalise, caption tokenisation, and
 collation into a batch. The shards are made on the spot from real photos (scikit-learn's
 sample images, random crops stored as img2dataset stores them: shorter side = source
-size) with captions of DataComp's typical length. ``bench_loader`` runs open_clip_train's own
-loader end to end on one worker process, with open_clip's decode and with the reduced-size
-decode.
+size) with captions of DataComp's typical length. ``bench_loader`` runs the loader
+open_clip_train trains from (its ``get_data``, served by ``crate_alpha.data.loader``) end to
+end on one worker process, with open_clip's decode and with the reduced-size decode.
 """
 from __future__ import annotations
 
@@ -201,36 +201,35 @@ def _replicate(url: str, copies: int) -> str:
 
 def train_loader(urls: str, size: int, reduced_decode: bool, batch: int = 64, workers: int = 1,
                  model: str = "crate-alpha-demo"):
-    """open_clip_train's own training loader (``get_wds_dataset``: tar read, shuffle, decode, crop,
-    normalise, tokenise, collate) over ``urls``, with this project's patches installed.
+    """The training loader open_clip_train gets from its ``get_data`` in a CLIP run (tar read,
+    seeded shuffles, decode, crop, tokenise, shared-memory collation, per-batch normalisation),
+    over ``urls`` on the CPU.
 
     ``reduced_decode=False`` gives the images the decode open_clip_train does itself
-    (webdataset's ``pilrgb``: PIL decode) followed by open_clip's own training transform.
+    (PIL decode) followed by open_clip's own training transform.
     """
     import argparse
 
-    import open_clip_train.data as data
-    import open_clip_train.main as main
+    import open_clip
 
-    from ..data.shards import count_samples, expand_shards
-    from ..clip.patches import NormalizedLoader, install, train_normalize
+    from ..clip.patches import ClipRun, get_data_for
     from ..data.decode import SkipCounter
+    from ..data.shards import count_samples, expand_shards
+    from ..device import CpuDevice
 
-    install(SkipCounter(), fast_decode=True)  # images reach the transform still encoded
-    _, train_tf, _ = main.create_model_and_transforms(model, force_image_size=size)
-    if not reduced_decode:
-        plain = train_tf.on_image
+    preprocess = open_clip.image_transform(size, is_train=True)
+    args = argparse.Namespace(train_data=urls, val_data=None, dataset_type="webdataset", dataset_resampled=False,
+                              train_num_samples=count_samples(expand_shards(urls)), seed=0, batch_size=batch,
+                              world_size=1, rank=0, workers=workers)
+    get_data = get_data_for(ClipRun(CpuDevice(), SkipCounter(), fast_decode=reduced_decode), open_clip_get_data())
+    data = get_data(args, (preprocess, None), epoch=0, tokenizer=open_clip.get_tokenizer(model))
+    return data["train"].dataloader
 
-        def train_tf(b):  # noqa: F811 - webdataset's pilrgb handler, then open_clip's transform
-            return plain(Image.open(io.BytesIO(b)).convert("RGB"))
-    args = argparse.Namespace(train_data=urls, val_data=None, dataset_resampled=False,
-                              train_num_samples=count_samples(expand_shards(urls)),
-                              train_data_upsampling_factors=None, seed=0, batch_size=batch, world_size=1,
-                              workers=workers)
-    tokenizer = main.get_tokenizer(model)  # as open_clip_train gets it (patched: cached)
-    loader = data.get_wds_dataset(args, train_tf, is_train=True, epoch=0, tokenizer=tokenizer).dataloader
-    # as the patched get_data hands it to training: uint8 batches normalised as they arrive (here on the CPU)
-    return NormalizedLoader(loader, train_normalize())
+
+def open_clip_get_data():
+    import open_clip_train.data as data
+
+    return data.get_data
 
 
 def loader_throughput(urls: str, size: int, reduced_decode: bool, batch: int = 64, workers: int = 1,

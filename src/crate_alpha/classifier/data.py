@@ -7,7 +7,6 @@ loader does: one bad file costs a run one sample, not the run.
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -16,15 +15,10 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from ..common import CrateAlphaError, check_shards, count_samples
-from ..data.decode import FiniteRepeatPipeline, SkipCounter, tar_samples
-from ..recipe import RecipeError
+from ..data.decode import SkipCounter
+from ..data.shards import check_shards, count_samples
+from ..errors import DamagedImage, DataError
 
-IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
-
-
-class DamagedImage(CrateAlphaError):
-    """An image file or shard member that does not decode; the message names it."""
 
 
 def is_folder(path) -> bool:
@@ -33,13 +27,13 @@ def is_folder(path) -> bool:
 
 def check_path(path, what: str) -> None:
     if not path:
-        raise RecipeError(f"no {what}: set it to an ImageFolder directory or a shard pattern")
+        raise DataError(f"no {what}: set it to an ImageFolder directory or a shard pattern")
     if is_folder(path):
         return
     if "{" in str(path) or str(path).endswith(".tar"):
         check_shards(path, what)
         return
-    raise RecipeError(f"{what} {path} does not exist (expected an ImageFolder directory or a .tar shard pattern)")
+    raise DataError(f"{what} {path} does not exist (expected an ImageFolder directory or a .tar shard pattern)")
 
 
 def eval_transform(image_size: int, mean, std, crop_pct: float = 0.875, interpolation: str = "bilinear"):
@@ -122,22 +116,15 @@ class PresentBatches:
         return getattr(self.loader, name)
 
 
-def decode_sample(sample: dict):
-    """(image, label) of a shard sample; an image that does not decode is named by shard and member."""
-    name = f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}"
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise DamagedImage(f"{name} has no image ({', '.join('.' + k for k in IMAGE_KEYS)})")
-    if "cls" not in sample:
-        raise DamagedImage(f"{name} has no .cls label")
-    try:
-        image = open_rgb(io.BytesIO(sample[key]))
-    except Exception as e:  # noqa: BLE001 - whatever PIL raises on the member's bytes, it is damaged
-        raise _damaged(f"{name}.{key}", e) from None
-    try:
-        return image, int(sample["cls"])
-    except ValueError:
-        raise DamagedImage(f"{name}.cls is not a class number: {sample['cls'][:20]!r}") from None
+class DecodedThen:
+    """Encoded image bytes -> PIL RGB (``open_rgb``) -> ``transform``."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, data: bytes):
+        image = open_rgb(io.BytesIO(data))
+        return self.transform(image) if self.transform is not None else image
 
 
 def make_loader(path, transform, batch_size: int, train: bool, workers: int, rank: int = 0, world: int = 1,
@@ -163,26 +150,16 @@ def make_loader(path, transform, batch_size: int, train: bool, workers: int, ran
                                              drop_last=train, pin_memory=torch.cuda.is_available(),
                                              collate_fn=collate_present, **overlap)
         return PresentBatches(loader), len(ds), sampler
-    import webdataset as wds
+    from ..data import loader as shard_loader
 
     urls = check_shards(path)
     n = int(num_samples or count_samples(urls))
-    stages = [wds.SimpleShardList(urls)]
+    # the CLIP trainer's pipeline: shard and sample order follow `seed` (and the epoch the
+    # trainer sets through the returned sampler), each shard read by exactly one worker
+    epoch = shard_loader.Epoch(0)
+    sample = shard_loader.ToPair(DecodedThen(transform), "cls", shard_loader.class_label)
+    ds = shard_loader.shard_pipeline(urls, sample, batch_size, train=train, seed=seed, epoch=epoch, counter=handler,
+                                     rank=rank, world=world)
     if train:
-        # the same order in every worker (seed and pass), so that split_by_worker gives each shard to
-        # exactly one worker (an unseeded shuffle per worker dropped some shards and doubled others)
-        stages += [wds.detshuffle(len(urls), seed=seed)]
-    stages += [wds.split_by_node, wds.split_by_worker, tar_samples(handler)]  # the CLIP loader's tar reader
-    if train:
-        stages += [wds.shuffle(1000, initial=100)]
-    stages += [wds.map(decode_sample, handler=handler), wds.map_tuple(transform, int, handler=handler),
-               wds.batched(batch_size, partial=not train)]
-    # with_epoch below repeats a worker's shards until it has its batches: shards that give none
-    # (empty or damaged) would be re-read forever; a pass without a batch ends that worker's epoch
-    ds = FiniteRepeatPipeline(*stages)
-    steps = math.ceil(n / (batch_size * world)) if not train else n // (batch_size * world)
-    if train:
-        ds = ds.with_epoch(max(steps // max(workers, 1), 1) if workers else steps)
-    loader = wds.WebLoader(ds, batch_size=None, shuffle=False, num_workers=workers, **overlap)
-    return loader, n, None
-
+        ds = ds.with_epoch(shard_loader.train_batches(n, batch_size, world, workers, round_up=False))
+    return shard_loader.loader(ds, workers, prefetch_factor), n, epoch

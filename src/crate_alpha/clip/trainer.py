@@ -8,7 +8,8 @@ logging. This module checks the data before anything is built, turns the recipe 
 open_clip_train's arguments for the hardware at hand (batch, lr and warm-up scaled; every
 other key is one of open_clip_train's own flags under its own name), prepares the initial
 weights (text tower from a CLIPA checkpoint; fine-tuning from a pre-training checkpoint
-with the position grid resampled or re-initialised), and installs ``patches``.
+with the position grid resampled or re-initialised), and runs open_clip_train inside
+``patches.patched`` (its few replacements, restored when the run ends).
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..common import check_shards, count_samples, load_open_clip_checkpoint, read_state_dict, save_checkpoint, write_json
+from ..common import load_open_clip_checkpoint, read_state_dict, save_checkpoint, write_json
+from ..data.shards import check_shards, count_samples
 from .. import run_folder
+from ..data.decode import SkipCounter
+from ..device import for_name
 from ..recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RecipeError, check_resume_compatible,
                      check_values, load_recipe)
 
@@ -160,8 +164,9 @@ def prepare_init(cfg: dict, run_dir: Path) -> str:
     return str(save_checkpoint({"state_dict": model.state_dict()}, run_dir / "init.pt"))
 
 
-def device_of(cfg: dict) -> str:
-    return cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+def device_of(cfg: dict):
+    """The recipe's training device (``crate_alpha.device``)."""
+    return for_name(cfg.get("device"), fsdp=cfg.get("fsdp", False))
 
 
 def open_clip_args(cfg: dict, sched: dict, n_samples: int, init: str | None) -> List[str]:
@@ -182,25 +187,12 @@ def open_clip_args(cfg: dict, sched: dict, n_samples: int, init: str | None) -> 
         "--save-most-recent",
         "--resume", "latest",
         "--zeroshot-frequency", "0",
-        "--device", dev,
-        "--dist-backend", cfg["dist_backend"] or {"cuda": "nccl", "xla": "xla"}.get(dev, "gloo"),
-    ]
-    if dev == "xla":
-        # each launcher process sees its one device as xla:0, so no per-rank device index
-        a += ["--dist-url", "xla://", "--no-set-device-rank"]
+        "--device", dev.name,
+        "--dist-backend", cfg["dist_backend"] or dev.dist_backend,
+    ] + dev.open_clip_train_args()
     if init:
         a += ["--pretrained", init]
     return a
-
-
-def _world_size(cfg: dict) -> int:
-    if device_of(cfg) == "xla":
-        if cfg["fsdp"]:
-            return 1  # SPMD: one process drives every device; the batch is sharded, not split
-        from ..device import xla
-
-        return xla.launcher_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _rank() -> int:
@@ -218,7 +210,7 @@ def run(recipe: str | None, overrides=(), dry_run: bool = False) -> dict:
                           "(an open_clip checkpoint with a pre-trained text encoder) or lock_text=False")
     urls = check_shards(cfg["train_data"], "training data (train_data)")
     n = int(cfg["train_num_samples"] or count_samples(urls))
-    world = _world_size(cfg)
+    world = device_of(cfg).world_size()
     sched = schedule(cfg, world, n)
     run_dir = Path(cfg["logs"]) / cfg["name"]
     if dry_run:
@@ -282,42 +274,46 @@ def _train(cfg: dict, sched: dict, n: int, world: int, run_dir: Path) -> dict:
             write_json(info, run_dir / "recipe.json")
 
     t0 = time.time()
-    if device_of(cfg) == "xla":
-        from ..device import xla
-
-        job = (args, _loader(cfg), cfg["fsdp"], str(run_dir), sched["epochs"], n, t0)
-        if cfg["fsdp"]:
-            _xla_process(0, *job)  # SPMD is one process; torch_xla's launcher does not support it
-        else:
-            xla.launch(_xla_process, args=job)
-        info["seconds"] = time.time() - t0
-        return info
-    counter = _open_clip_train(args, _loader(cfg))
+    # in this process (CPU, CUDA: torchrun started the others) or in the device's own (XLA)
+    skipped = device_of(cfg).launch(_process, args=(args, _run_settings(cfg), str(run_dir), sched["epochs"], n, t0))
     info["seconds"] = time.time() - t0
-    info["skipped_damaged"] = counter.count
-    if _rank() == 0:
-        _summary(run_dir, t0, counter.count, sched["epochs"], n)
+    if skipped is not None:
+        info["skipped_damaged"] = skipped
     return info
 
 
-def _loader(cfg: dict) -> dict:
-    return {"fast_decode": cfg["fast_decode"], "prefetch_factor": cfg["prefetch_factor"]}
+def _run_settings(cfg: dict) -> dict:
+    return {"device": cfg["device"], "fsdp": cfg["fsdp"], "fast_decode": cfg["fast_decode"],
+            "prefetch_factor": cfg["prefetch_factor"]}
 
 
-def _open_clip_train(args: List[str], loader: dict, xla_options=None):
+def _process(index: int, args: List[str], settings: dict, run_dir: str, epochs: int, n: int, t0: float) -> int:
+    """One training process: open_clip_train on this process's device; the samples it skipped."""
+    from .patches import ClipRun
+
+    dev = for_name(settings["device"], fsdp=settings["fsdp"])
+    dev.join_process_group(init_group=False)  # open_clip_train joins the group itself
+    run = ClipRun(dev, SkipCounter(), settings["fast_decode"], settings["prefetch_factor"])
+    rank = _rank()
+    metrics = Path(run_dir) / "xla_metrics.json" if rank == 0 else None
+    _open_clip_train(args, run, metrics)
+    if rank == 0:
+        _summary(Path(run_dir), t0, run.counter.count, epochs, n)
+    return run.counter.count
+
+
+def _open_clip_train(args: List[str], run, metrics_path=None) -> None:
     import open_clip_train.main as ocm
 
     import crate_alpha  # noqa: F401  (registers the models in this process)
 
-    from ..data.decode import SkipCounter
-    from .patches import install
+    from .patches import patched
 
-    counter = SkipCounter()
-    install(counter, xla=xla_options, **loader)
     root = logging.getLogger()
     before = list(root.handlers)
     try:
-        rc = ocm.main(args)
+        with patched(run), run.device.optimizer_hooks(metrics_path):
+            rc = ocm.main(args)
     finally:
         # open_clip_train adds its own handlers (one writes this run's out.log); drop them so a
         # second run in the same process (make demo) does not also write into this run's log
@@ -328,32 +324,10 @@ def _open_clip_train(args: List[str], loader: dict, xla_options=None):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if rc not in (None, 0):
         raise RuntimeError(f"open_clip_train exited with {rc}")
-    if counter.count:
-        logging.warning("skipped %d damaged samples or shards", counter.count)
-    return counter
+    if run.counter.count:
+        logging.warning("skipped %d damaged samples or shards", run.counter.count)
 
 
 def _summary(run_dir: Path, t0: float, skipped: int, epochs: int, n: int) -> None:
     write_json({"seconds": time.time() - t0, "skipped_damaged": skipped, "epochs": epochs, "samples_seen": epochs * n,
                 "checkpoint": str(run_dir / "checkpoints" / "epoch_latest.pt")}, run_dir / "train_summary.json")
-
-
-def _xla_process(index: int, args: List[str], loader: dict, fsdp: bool, run_dir: str, epochs: int, n: int,
-                 t0: float) -> None:
-    """One launcher process: open_clip_train on this process's XLA device."""
-    from ..device import xla
-    from .patches import XlaOptions
-
-    if not fsdp:
-        rank, local, world = xla.ordinals()
-        if world > 1:  # open_clip_train reads the torchrun variables; the XLA process group does the rest
-            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the 'xla' backend)
-
-            os.environ.update(RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE=str(world))
-    rank = _rank()
-    metrics = str(Path(run_dir) / "xla_metrics.json") if rank == 0 else None
-    options = XlaOptions(metrics_path=metrics, fsdp=fsdp)
-    counter = _open_clip_train(args, loader, options)
-    if rank == 0:
-        options.metrics.write()
-        _summary(Path(run_dir), t0, counter.count, epochs, n)
