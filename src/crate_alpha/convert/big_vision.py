@@ -10,20 +10,31 @@ from the attention kernel shapes.
 from __future__ import annotations
 
 import os
-import re
-import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
-import torch
 
-from .folders import ConversionError, check_names, check_out_dir, check_shape, write_open_clip_folder, write_timm_folder
+from ..models.official_layout import SSA as _SSA
+from ..models.official_layout import (
+    big_vision_classifier_state,
+    check_names,
+    check_shape,
+    crate_tree_state,
+    load_npz,
+)
+from ..models.official_layout import layer_norm as _ln
+from ..models.official_layout import to_tensor as _t
+from ..models.official_layout import tree_depth as _depth
+from .folders import ConversionError, check_out_dir, write_open_clip_folder, write_timm_folder
 from .targets import classifier_args, clipa_model_cfg, clipa_preprocess_cfg, trunk_name
 
+# The CRATE-α trees are read by the model layer (models/official_layout.py, which CrateAlpha
+# loads released .npz files with); this module adds the CLIPA text tower, configs and folders.
+__all__ = ["convert_big_vision", "convert_classifier", "convert_two_towers", "detect_layout", "load_npz",
+           "split_src"]
+
 Tree = Dict[str, np.ndarray]
-_SSA = "MultiHeadDotProductSubspaceAttention_0"
-_ISTA = "OvercompleteISTABlock_0"
 _MHA = "MultiHeadDotProductAttention_0"
 
 
@@ -36,136 +47,15 @@ def split_src(src: str) -> Tuple[Path, Optional[str]]:
     return path, None
 
 
-def _bf16_to_f32(a: np.ndarray) -> np.ndarray:
-    # numpy has no bfloat16: big_vision's savez stores such arrays as 2-byte void.
-    return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def load_npz(path: os.PathLike) -> Tree:
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"checkpoint {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            tree = {}
-            for k in z.files:
-                a = z[k]
-                if not isinstance(a, np.ndarray):  # numpy hands back any non-.npy member as raw bytes
-                    raise ConversionError(
-                        f"{path} is a zip archive but not an .npz of arrays: member {k!r} is not a .npy array")
-                if a.dtype.kind == "V" and a.dtype.itemsize == 2:
-                    a = _bf16_to_f32(a)
-                tree[k] = a
-    except ConversionError:
-        raise
-    except ValueError as e:
-        if "allow_pickle" not in str(e):
-            raise ConversionError(f"{path} is not a readable .npz file: {e}") from None
-        raise ConversionError(
-            f"{path} holds pickled objects, which are refused (loaded with allow_pickle=False): {e}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ConversionError(f"{path} is not a readable .npz file: {e}") from None
-    if any(k.startswith("params/") for k in tree):
-        # A training checkpoint: {"params": ..., "opt": ..., "chrono": ...}.
-        tree = {k[len("params/"):]: v for k, v in tree.items() if k.startswith("params/")}
-    return tree
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    if a.dtype.kind not in "fiu":
-        raise ConversionError(f"array of dtype {a.dtype} is not numeric")
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
-def _depth(tree: Tree, prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/")
-    idx = {int(m.group(1)) for k in tree for m in [pat.match(k)] if m}
-    if not idx:
-        raise ConversionError(f"no transformer blocks under {prefix or 'the root'}Transformer/")
-    if idx != set(range(len(idx))):
-        raise ConversionError(f"block indices are not contiguous: {sorted(idx)}")
-    return len(idx)
-
-
-def _ln(tree: Tree, src: str, dst: str, out: dict) -> None:
-    out[f"{dst}.weight"] = _t(tree[f"{src}/scale"])
-    out[f"{dst}.bias"] = _t(tree[f"{src}/bias"])
-
-
-def _crate_expected(prefix: str, depth: int) -> set:
-    keys = {f"{prefix}{k}" for k in ("cls", "pos_embedding", "embedding/kernel", "encoder_norm/scale",
-                                    "encoder_norm/bias", "head/kernel")}
-    for i in range(depth):
-        b = f"{prefix}Transformer/encoderblock_{i}"
-        keys |= {f"{b}/LayerNorm_0/scale", f"{b}/LayerNorm_0/bias", f"{b}/LayerNorm_1/scale",
-                 f"{b}/LayerNorm_1/bias", f"{b}/{_SSA}/proj/kernel", f"{b}/{_SSA}/out/kernel",
-                 f"{b}/{_ISTA}/D", f"{b}/{_ISTA}/D1"}
-    return keys
-
-
-def convert_crate_tree(tree: Tree, prefix: str = "", dst: str = ""):
-    """A crate.Model sub-tree -> (shape info, torch state dict with keys under ``dst``)."""
-    depth = _depth(tree, prefix)
-    expected = _crate_expected(prefix, depth)
-    check_names([k for k in tree if k.startswith(prefix)], expected,
-                "big_vision CRATE-α parameters" + (f" under {prefix}" if prefix else ""), "parameters",
-                optional={f"{prefix}embedding/bias", f"{prefix}head/bias"})
-    kernel = tree[f"{prefix}embedding/kernel"]
-    if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != 3 or min(kernel.shape) < 1:
-        raise ConversionError(f"{prefix}embedding/kernel has shape {kernel.shape}; expected (P, P, 3, width)")
-    patch, width = kernel.shape[0], kernel.shape[3]
-    pos = tree[f"{prefix}pos_embedding"]
-    n = pos.shape[1] - 1 if pos.ndim == 3 else -1
-    side = int(round(max(n, 0) ** 0.5))
-    if pos.ndim != 3 or side * side != n or pos.shape[2] != width:
-        raise ConversionError(f"{prefix}pos_embedding has shape {pos.shape}; expected (1, 1 + a square, {width})")
-    proj0 = tree[f"{prefix}Transformer/encoderblock_0/{_SSA}/proj/kernel"]
-    if proj0.ndim != 3 or proj0.shape[0] != width or proj0.shape[1] * proj0.shape[2] != width:
-        raise ConversionError(f"{prefix}Transformer/encoderblock_0/{_SSA}/proj/kernel has shape {proj0.shape}; "
-                              f"expected ({width}, heads, {width} // heads)")
-    heads = proj0.shape[1]
-    head_k = tree[f"{prefix}head/kernel"]
-    if head_k.ndim != 2 or head_k.shape[0] != width:
-        raise ConversionError(f"{prefix}head/kernel has shape {head_k.shape}; expected ({width}, classes)")
-    n_out = head_k.shape[1]
-
-    out = {
-        f"{dst}patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)),
-        f"{dst}patch_embed.proj.bias": (_t(check_shape(tree, f"{prefix}embedding/bias", (width,)))
-                                        if f"{prefix}embedding/bias" in tree else torch.zeros(width)),
-        f"{dst}cls_token": _t(check_shape(tree, f"{prefix}cls", (1, 1, width))),
-        f"{dst}pos_embed": _t(pos),
-    }
-    _ln(tree, f"{prefix}encoder_norm", f"{dst}norm", out)
-    for i in range(depth):
-        b, t = f"{prefix}Transformer/encoderblock_{i}", f"{dst}blocks.{i}"
-        _ln(tree, f"{b}/LayerNorm_0", f"{t}.norm1", out)
-        _ln(tree, f"{b}/LayerNorm_1", f"{t}.norm2", out)
-        hd = width // heads
-        out[f"{t}.attn.qkv.weight"] = _t(check_shape(tree, f"{b}/{_SSA}/proj/kernel", (width, heads, hd))
-                                         .reshape(width, width).T)
-        out[f"{t}.attn.proj.weight"] = _t(check_shape(tree, f"{b}/{_SSA}/out/kernel", (heads, hd, width))
-                                          .reshape(width, width).T)
-        out[f"{t}.mlp.D"] = _t(check_shape(tree, f"{b}/{_ISTA}/D", (width, 4 * width)))
-        out[f"{t}.mlp.D1"] = _t(check_shape(tree, f"{b}/{_ISTA}/D1", (width, 4 * width)))
-    head = {"weight": _t(head_k.T)}
-    if f"{prefix}head/bias" in tree:
-        head["bias"] = _t(check_shape(tree, f"{prefix}head/bias", (n_out,)))
-    info = dict(width=width, depth=depth, heads=heads, patch=patch, res=side * patch, n_out=n_out)
-    return info, out, head
-
-
 def convert_classifier(tree: Tree, prefix: str = ""):
-    info, out, head = convert_crate_tree(tree, prefix)
-    out["head.weight"] = head["weight"]
-    out["head.bias"] = head.get("bias", torch.zeros(info["n_out"]))
+    info, out = big_vision_classifier_state(tree, prefix)
     args = classifier_args(info["width"], info["depth"], info["heads"], info["patch"], info["res"],
                            info["n_out"], head_norm_eps=1e-6)
     return trunk_name(info["width"], info["depth"], info["heads"], info["patch"], info["res"]), args, out
 
 
 def convert_two_towers(tree: Tree):
-    info, out, head = convert_crate_tree(tree, "img/", "visual.trunk.")
+    info, out, head = crate_tree_state(tree, "img/", "visual.trunk.")
     if "bias" in head:
         raise ConversionError("img/head/bias: the CLIP image projection has no bias in open_clip's tower")
     out["visual.head.proj.weight"] = head["weight"]

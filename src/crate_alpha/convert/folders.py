@@ -24,7 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..common import CrateAlphaError, write_json
+from ..common import check_writable_parent, read_state_dict, write_json
+from ..errors import ConversionError  # noqa: F401  (also importable from here, its old home)
+from ..models.official_layout import check_names, check_shape  # noqa: F401  (the key checks, re-exported)
 
 TIMM_CONFIG = "config.json"
 TIMM_WEIGHTS = "model.safetensors"
@@ -33,31 +35,6 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 # What transformers' AutoTokenizer reads from a folder; open_clip 3.3 reads the HF tokenizer
 # of a local-dir: model from that folder only (factory.get_tokenizer).
 TOKENIZER_FILES = ("tokenizer_config.json", "vocab.txt", "tokenizer.json", "special_tokens_map.json")
-
-
-class ConversionError(CrateAlphaError):
-    """A checkpoint or request that cannot be converted; the message says why and what to do."""
-
-
-def check_names(present, expected: set, what: str, noun: str = "keys", optional: set = frozenset()) -> None:
-    """Refuse a checkpoint with missing or unexpected entries, naming every one."""
-    missing = sorted(expected - set(present))
-    unexpected = sorted(set(present) - expected - set(optional))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {noun}: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {noun}: {', '.join(unexpected)}")
-        raise ConversionError(f"{what}: " + " | ".join(parts))
-
-
-def check_shape(entries, key: str, shape: tuple):
-    """``entries[key]``, refused with its name when its shape is not ``shape``."""
-    a = entries[key]
-    if tuple(a.shape) != tuple(shape):
-        raise ConversionError(f"{key} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-    return a
 
 
 def _resolved(path: os.PathLike) -> set:
@@ -125,15 +102,8 @@ def check_out_dir(out_dir: os.PathLike, force: bool = False, protect=()) -> None
             raise ConversionError(
                 f"output folder {out_dir} holds files that this tool did not write; --force only replaces "
                 "an empty folder or a model folder written by crate-alpha. Choose a new folder or empty it yourself")
-    # The nearest existing ancestor must be a folder we may write in; root passes os.access
-    # regardless, so a read-only folder still surfaces later as "cannot write".
-    parent = Path(os.path.abspath(out_dir)).parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConversionError(f"cannot write {out_dir}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConversionError(f"cannot write {out_dir}: no permission to create entries in {parent}")
+    # The nearest existing ancestor must be a folder we may write in ("cannot write OUT_DIR: ...").
+    check_writable_parent(out_dir, error=ConversionError)
 
 
 # Every hidden partial / old folder holds this file naming its writer, so that a later run
@@ -357,8 +327,6 @@ def write_timm_folder(out_dir: os.PathLike, architecture: str, model_args: dict,
     """
     import timm
 
-    import crate_alpha  # noqa: F401  (registers the architectures)
-
     check_trunk(architecture)
     # A shape without a fixed name is crate_alpha_custom, its shape in model_args (which
     # timm's local-dir: applies), so the folder loads in any process without registration.
@@ -435,8 +403,6 @@ def write_open_clip_folder(out_dir: os.PathLike, model_cfg: dict, state: Dict[st
     """
     import open_clip
 
-    import crate_alpha  # noqa: F401  (registers the vision trunks)
-
     check_trunk((model_cfg.get("vision_cfg") or {}).get("timm_model_name"))
     model = open_clip.model.CLIP(**copy.deepcopy(model_cfg))
     load_strict(model, state, "converted CLIP model")
@@ -474,10 +440,7 @@ def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_di
     import open_clip
     from open_clip.model import resize_pos_embed
 
-    import crate_alpha  # noqa: F401
-
-    from .. import custom_variant_name, variant_args
-    from .official_torch import load_torch_state_dict
+    from ..models.crate_alpha import custom_variant_name, variant_args
 
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
@@ -486,7 +449,7 @@ def export_open_clip_checkpoint(checkpoint: os.PathLike, model_name: str, out_di
     if image_size is not None and image_size < 1:
         raise ConversionError(f"--image-size must be a positive number of pixels, got {image_size}")
     check_out_dir(out_dir, force, protect=[checkpoint])
-    state = load_torch_state_dict(checkpoint)
+    state = read_state_dict(checkpoint, "checkpoint", ConversionError)
     vision = cfg["vision_cfg"]
     timm_name = vision.get("timm_model_name")
     if image_size is None and timm_name is not None:

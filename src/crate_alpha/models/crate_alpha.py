@@ -39,6 +39,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 from . import released
 from .layers import MSSA, ODL, SparseCodingLayer, resample_pos_embed_on_load, sincos_2d_pos_embed
+from .official_layout import (
+    big_vision_classifier_state,
+    classifier_state,
+    clipa_trunk_state,
+    load_npz,
+    official_layout,
+)
 
 __all__ = ["MSSA", "ODL", "SparseCodingLayer", "sincos_2d_pos_embed", "CrateAlpha", "CRATE_ALPHA_SIZES",
            "list_crate_alpha_models", "checkpoint_filter_fn"]
@@ -134,13 +141,11 @@ class CrateAlpha(VisionTransformer):
 
     def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
         """A released big_vision ``.npz`` (timm's ``custom_load`` hook), converted on load."""
-        from ..convert.big_vision import convert_classifier, load_npz
-
-        _, args, state = convert_classifier(load_npz(checkpoint_path), prefix)
-        _check_released_shape(self, args, checkpoint_path)
-        if self.num_classes != args["num_classes"]:  # another head was asked for: keep the trunk only
+        info, state = big_vision_classifier_state(load_npz(checkpoint_path), prefix)
+        _check_released_shape(self, info, checkpoint_path)
+        if self.num_classes != info["n_out"]:  # another head was asked for: keep the trunk only
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        self.load_state_dict(state, strict=self.num_classes == args["num_classes"])
+        self.load_state_dict(state, strict=self.num_classes == info["n_out"])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -276,9 +281,10 @@ def unknown_model_message(name: str) -> str:
 # Released weights
 # --------------------------------------------------------------------------------------
 
-def _check_released_shape(model: "CrateAlpha", args: Dict[str, Any], source: str) -> None:
+def _check_released_shape(model: "CrateAlpha", info: Dict[str, Any], source: str) -> None:
+    # info: the shape read by official_layout (width, depth, heads, patch)
     own = (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads, model.patch_embed.patch_size[0])
-    theirs = (args["embed_dim"], args["depth"], args["num_heads"], args["patch_size"])
+    theirs = (info["width"], info["depth"], info["heads"], info["patch"])
     if own != theirs:
         raise ValueError(f"{source} holds a CRATE-α of width {theirs[0]}, depth {theirs[1]}, {theirs[2]} heads, "
                          f"patch {theirs[3]}; the model asked for is {own[0]}, {own[1]}, {own[2]}, {own[3]}")
@@ -288,27 +294,22 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: "CrateAlpha
     """timm's ``pretrained_filter_fn``: an official checkpoint in this model's layout.
 
     The official classifier layout and the CLIPA image-text layout (its image tower, with
-    the image projection as the head) are converted by the converters' own mappings;
-    a state dict already in timm's layout passes through.
+    the image projection as the head) are mapped by :mod:`.official_layout`, as the
+    converters map them; a state dict already in timm's layout passes through.
     """
-    from ..convert import official_torch
-
     if "state_dict" in state_dict or "model" in state_dict:  # the wrappers official_torch reads too
         state_dict = state_dict.get("state_dict", state_dict.get("model"))
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     heads = model.blocks[0].attn.num_heads
-    layout = official_torch.detect_layout(state_dict) if "conv1.weight" in state_dict or \
+    layout = official_layout(state_dict) if "conv1.weight" in state_dict or \
         "visual.conv1.weight" in state_dict else "timm"
     if layout == "classifier":
-        _, args, out = official_torch.convert_classifier(state_dict, heads=heads)
-        _check_released_shape(model, args, "the checkpoint")
-        _check_head(model, args["num_classes"])
+        info, out = classifier_state(state_dict, heads)
+        _check_released_shape(model, info, "the checkpoint")
+        _check_head(model, info["num_classes"])
         return out
     if layout == "clipa":
-        cfg, _, full = official_torch.convert_clipa(state_dict, heads=heads)
-        out = {k[len("visual.trunk."):]: v for k, v in full.items() if k.startswith("visual.trunk.")}
-        proj = full["visual.head.proj.weight"]
-        out["head.weight"], out["head.bias"] = proj, proj.new_zeros(proj.shape[0])
+        _, out = clipa_trunk_state(state_dict)
         return out
     return state_dict
 
