@@ -89,8 +89,6 @@ def _from_string(spec: str) -> nn.Module:
     import open_clip
     import timm
 
-    import crate_alpha  # noqa: F401  (registers the CRATE-α timm names and open_clip configs)
-
     folder = model_folder(spec)
     if folder is not None:
         return _from_folder(folder)
