@@ -204,6 +204,22 @@ def test_children_die_with_a_killed_driver(tmp_path, distributor):
         silent.close()
 
 
+def test_img2dataset_swaps_are_undone_also_when_the_download_fails():
+    import importlib
+
+    from crate_alpha.data import download as download_mod
+    from crate_alpha.data.sample_checks import CheckedDownloader, checked_img2dataset
+
+    main, distributor = importlib.import_module("img2dataset.main"), importlib.import_module("img2dataset.distributor")
+    before = main.Downloader, main.Resizer, main.LoggerProcess, distributor.get_context
+    with pytest.raises(RuntimeError, match="mid-download"):
+        with checked_img2dataset(), download_mod._children_die_with_driver():
+            assert main.Downloader is CheckedDownloader and main.LoggerProcess is not before[2]
+            assert distributor.get_context is not before[3]
+            raise RuntimeError("mid-download")
+    assert (main.Downloader, main.Resizer, main.LoggerProcess, distributor.get_context) == before
+
+
 # ---- 16, 22: segment-eval ------------------------------------------------------------------
 
 TINY = "crate_alpha_custom.w32_d2_h2_patch8_32"

@@ -34,12 +34,12 @@ from typing import Iterable, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from . import storage
 from ..errors import DataError
+from . import storage
+from .decode import MAX_IMAGE_AREA
 from .ownership import check_may_write, claim, clear_owned
-from .sample_checks import checked_img2dataset
+from .sample_checks import checked_img2dataset, swapped
 
 # img2dataset's package namespace shadows its module names with functions; take the modules
 _i2d_main = importlib.import_module("img2dataset.main")
@@ -267,7 +267,7 @@ def download(
         url_col: str = "url",
         caption_col: str = "text",
         hash_col: Optional[str] = "sha256",
-        max_image_area: float = float(Image.MAX_IMAGE_PIXELS),
+        max_image_area: float = MAX_IMAGE_AREA,
         encode_quality: int = 95,
         distributor: str = "multiprocessing",
         subjob_size: int = 1000,
@@ -427,12 +427,9 @@ class _ContextDyingWithDriver:
 @contextlib.contextmanager
 def _children_die_with_driver():
     """For this block, the processes img2dataset spawns die with this one (Spark's JVM does already)."""
-    saved = _i2d_main.LoggerProcess, _i2d_distributor.get_context
-    _i2d_main.LoggerProcess, _i2d_distributor.get_context = _LoggerDyingWithDriver, _ContextDyingWithDriver
-    try:
+    with (swapped(_i2d_main, LoggerProcess=_LoggerDyingWithDriver),
+          swapped(_i2d_distributor, get_context=_ContextDyingWithDriver)):
         yield
-    finally:
-        _i2d_main.LoggerProcess, _i2d_distributor.get_context = saved
 
 
 def check_java() -> str:

@@ -115,20 +115,26 @@ class CheckedDownloader(Downloader):
         # img2dataset looks this function up as a module global for every sample; a worker runs
         # one shard at a time, so replacing it for the duration of the shard is safe.
         original = _downloader_mod.download_image_with_retry
-        _downloader_mod.download_image_with_retry = (
-            lambda r, *a, **k: _checked_fetch(original, expected, r, *a, **k))
-        try:
+        with swapped(_downloader_mod,
+                     download_image_with_retry=lambda r, *a, **k: _checked_fetch(original, expected, r, *a, **k)):
             return super().download_shard(row)
-        finally:
-            _downloader_mod.download_image_with_retry = original
 
 
 @contextlib.contextmanager
-def checked_img2dataset() -> Iterator[None]:
-    """Make ``img2dataset.download`` build the checked downloader and resizer, for this block."""
-    saved = _main_mod.Downloader, _main_mod.Resizer
-    _main_mod.Downloader, _main_mod.Resizer = CheckedDownloader, HeaderCheckedResizer
+def swapped(module, **attrs) -> Iterator[None]:
+    """``module``'s attributes set to ``attrs`` for this block, and what was there put back after,
+    also when the block raises: img2dataset has no hooks, so its checks and its worker start are
+    changed through the globals its code looks up, for one call only."""
+    saved = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        _main_mod.Downloader, _main_mod.Resizer = saved
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def checked_img2dataset():
+    """Make ``img2dataset.download`` build the checked downloader and resizer, for this block."""
+    return swapped(_main_mod, Downloader=CheckedDownloader, Resizer=HeaderCheckedResizer)
