@@ -297,17 +297,3 @@ def check_open_clip_checkpoint(model_name: str, path: os.PathLike, what: str = "
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         model = open_clip.create_model(model_name, device="meta")
     load_open_clip_checkpoint(model, path, what, model_name)
-
-
-# Moved to data.shards; kept importable from here only until the callers outside this layer
-# (clip/trainer.py, clip/patches.py, classifier/data.py) import them from there. The import
-# below is upward (common -> data): tests/test_layering.py names it until it is gone.
-_MOVED_TO_DATA_SHARDS = ("is_remote", "expand_shards", "check_shards", "count_samples")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_DATA_SHARDS:
-        from .data import shards
-
-        return getattr(shards, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
