@@ -135,8 +135,6 @@ def prepare_init(cfg: dict, run_dir: Path) -> str:
     """An open_clip checkpoint with the recipe's starting weights; returns its path."""
     import open_clip
 
-    import crate_alpha  # noqa: F401
-
     torch.manual_seed(cfg["seed"])
     size = cfg["force_image_size"] if cfg["init_from"] else None
     model = open_clip.create_model(cfg["model"], force_image_size=size,
@@ -304,8 +302,6 @@ def _process(index: int, args: List[str], settings: dict, run_dir: str, epochs: 
 
 def _open_clip_train(args: List[str], run, metrics_path=None) -> None:
     import open_clip_train.main as ocm
-
-    import crate_alpha  # noqa: F401  (registers the models in this process)
 
     from .patches import patched
 
