@@ -196,11 +196,12 @@ def test_a_full_disk_leaves_no_truncated_checkpoint(tmp_path):
     code = textwrap.dedent(f"""
         import resource, signal, sys, torch
         from crate_alpha.common import CrateAlphaError, save_checkpoint
-        from crate_alpha.clip.patches import _torch_for_open_clip_train
+        from crate_alpha.clip.patches import _torch_view
+        from crate_alpha.device import for_name
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit gives EFBIG instead of a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
         big = {{"state_dict": {{"w": torch.zeros(100_000)}}}}
-        for save, name in ((_torch_for_open_clip_train(False).save, "epoch_2.pt"), (save_checkpoint, "latest.pt")):
+        for save, name in ((_torch_view(for_name("cpu")).save, "epoch_2.pt"), (save_checkpoint, "latest.pt")):
             try:
                 save(big, {str(ckpts)!r} + "/" + name)
             except CrateAlphaError as e:
