@@ -18,6 +18,7 @@ import torch
 
 from ..common import read_state_dict
 from ..models.official_layout import (
+    checked_tensor,
     block_count,
     check_names,
     check_shape,
@@ -49,16 +50,6 @@ detect_layout = official_layout
 def load_torch_state_dict(path: os.PathLike) -> StateDict:
     """Read a plain tensor state dict; anything that needs code to unpickle is refused."""
     return read_state_dict(path, "checkpoint", ConversionError)
-
-
-def _tensor(sd: StateDict, key: str, ndim: int, layout: str) -> torch.Tensor:
-    """``sd[key]``, refused with its shape unless it has ``ndim`` dimensions (read before the full checks)."""
-    a = sd.get(key)
-    if a is None:
-        raise ConversionError(f"missing keys: {key}")
-    if a.ndim != ndim:
-        raise ConversionError(f"{key} has shape {tuple(a.shape)}; expected {layout}")
-    return a
 
 
 def convert_classifier(sd: StateDict, heads: Optional[int] = None, model: Optional[str] = None):
@@ -93,7 +84,7 @@ def convert_clipa(sd: StateDict, heads: Optional[int] = None, text_heads: Option
     for key, ndim, layout in (("visual.proj", 2, "(width, embed)"), ("token_embedding.weight", 2, "(vocab, width)"),
                               ("positional_embedding", 2, "(context, width)"),
                               ("transformer.resblocks.0.mlp.c_fc.weight", 2, "(hidden, width)")):
-        _tensor(sd, key, ndim, layout)
+        checked_tensor(sd, key, ndim, layout)
     embed_dim = sd["visual.proj"].shape[1]
     vocab, text_width = sd["token_embedding.weight"].shape
     context = sd["positional_embedding"].shape[0]

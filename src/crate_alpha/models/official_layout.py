@@ -65,7 +65,7 @@ def check_shape(entries, key: str, shape: tuple):
 # The official PyTorch release
 # --------------------------------------------------------------------------------------
 
-def _tensor(sd: StateDict, key: str, ndim: int, layout: str) -> torch.Tensor:
+def checked_tensor(sd: StateDict, key: str, ndim: int, layout: str) -> torch.Tensor:
     """``sd[key]``, refused with its shape unless it has ``ndim`` dimensions (read before the full checks)."""
     a = sd.get(key)
     if a is None:
@@ -112,9 +112,9 @@ def _patch_and_grid(conv: torch.Tensor, pos: torch.Tensor, conv_key: str, pos_ke
 
 def classifier_shape(sd: StateDict) -> dict:
     """width, depth, patch, res of an official classifier state dict (its tensors' ranks checked)."""
-    conv = _tensor(sd, "conv1.weight", 4, "(width, 3, P, P)")
-    pos = _tensor(sd, "pos_embedding", 3, "(1, 1 + tokens, width)")
-    _tensor(sd, "mlp_head.1.weight", 2, "(classes, width)")
+    conv = checked_tensor(sd, "conv1.weight", 4, "(width, 3, P, P)")
+    pos = checked_tensor(sd, "pos_embedding", 3, "(1, 1 + tokens, width)")
+    checked_tensor(sd, "mlp_head.1.weight", 2, "(classes, width)")
     width = conv.shape[0]
     depth = block_count(sd, r"transformer\.layers\.(\d+)\.")
     patch, res = _patch_and_grid(conv, pos.reshape(-1, pos.shape[-1]), "conv1.weight", "pos_embedding")
@@ -183,9 +183,9 @@ def _untie_check(in_proj: torch.Tensor, width: int, key: str) -> torch.Tensor:
 
 def clipa_vision_shape(sd: StateDict) -> dict:
     """width, depth, patch, res of the vision tower of an official CLIPA state dict."""
-    conv = _tensor(sd, "visual.conv1.weight", 4, "(width, 3, P, P)")
+    conv = checked_tensor(sd, "visual.conv1.weight", 4, "(width, 3, P, P)")
     depth = block_count(sd, r"visual\.transformer\.resblocks\.(\d+)\.")
-    pos = _tensor(sd, "visual.positional_embedding", 2, "(1 + tokens, width)")
+    pos = checked_tensor(sd, "visual.positional_embedding", 2, "(1 + tokens, width)")
     patch, res = _patch_and_grid(conv, pos, "visual.conv1.weight", "visual.positional_embedding")
     return dict(width=conv.shape[0], depth=depth, patch=patch, res=res)
 
@@ -242,7 +242,7 @@ def clipa_trunk_state(sd: StateDict) -> Tuple[dict, StateDict]:
     vision = {k for k in sd if k.startswith("visual.")}
     check_names(vision, clipa_vision_keys(info["depth"]), "official CLIPA state dict")
     out = clipa_vision_state(sd, info["width"], info["depth"])
-    proj = _tensor(sd, "visual.proj", 2, "(width, embed)")
+    proj = checked_tensor(sd, "visual.proj", 2, "(width, embed)")
     check_shape(sd, "visual.proj", (info["width"], proj.shape[1]))
     out["head.weight"], out["head.bias"] = proj.t(), proj.new_zeros(proj.shape[1])
     return {**info, "num_classes": proj.shape[1]}, out
