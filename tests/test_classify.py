@@ -15,7 +15,7 @@ import torch
 import crate_alpha  # noqa: F401
 from crate_alpha.classifier.evaluate import run_eval
 from crate_alpha.classifier.trainer import DEFAULTS, load, train
-from crate_alpha.common import CrateAlphaError
+from crate_alpha.errors import CheckpointError, CrateAlphaError
 from crate_alpha.convert import convert_official_torch
 from crate_alpha.recipe import RecipeError
 from data_helpers import write_tar
@@ -93,7 +93,7 @@ def test_short_training_from_scratch_and_eval(demo_data, tmp_path):
     from crate_alpha.classifier.init import load_encoder
     from crate_alpha.classifier.trainer import build_model
     model = build_model({"model": "crate_alpha_demo_patch8_64", "img_size": 32, "drop_path": 0}, 1000)
-    with pytest.raises(RecipeError, match="10-class head but the model has 1000 classes; set new_head=True"):
+    with pytest.raises(CheckpointError, match="10-class head but the model has 1000 classes; set new_head=True"):
         load_encoder(model, s["checkpoint"], new_head=False, load_patch_embed=True)
 
 

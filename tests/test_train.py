@@ -12,7 +12,7 @@ import torch
 
 import crate_alpha
 from crate_alpha.clip.trainer import OPEN_CLIP_TRAIN_FLAGS, load, prepare_init, run, schedule
-from crate_alpha.common import CrateAlphaError
+from crate_alpha.errors import CheckpointError, CrateAlphaError
 from crate_alpha.recipe import RecipeError
 from crate_alpha.clip.zeroshot import clip_benchmark_eval
 
@@ -119,7 +119,7 @@ def test_text_init_loads_text_tower_only(tmp_path):
     big = open_clip.create_model("crate-alpha-B-32", force_image_size=64)
     torch.save({"state_dict": big.state_dict()}, tmp_path / "big.pt")
     cfg = load(DEMO_PRETRAIN, [f"text_init={tmp_path / 'big.pt'}"])
-    with pytest.raises(RecipeError, match="does not fit crate-alpha-demo's text tower"):
+    with pytest.raises(CheckpointError, match="does not fit crate-alpha-demo's text tower"):
         prepare_init(cfg, tmp_path / "run2")
 
 
@@ -218,7 +218,7 @@ def test_sample_shuffle_follows_the_seed():
 
 
 def test_xla_and_remote_data_errors_are_clear(tmp_path, no_model_build):
-    from crate_alpha.common import count_samples
+    from crate_alpha.data.shards import count_samples
 
     with pytest.raises(CrateAlphaError, match="set train_num_samples=N"):
         count_samples(["pipe:gcloud storage cat gs://b/0.tar"])

@@ -7,6 +7,7 @@ is the lowest layer with ``errors``: it imports nothing else of crate_alpha's.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,7 +15,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from .errors import CheckpointError, CrateAlphaError  # CrateAlphaError also for its old import path
 
@@ -297,3 +298,18 @@ def check_open_clip_checkpoint(model_name: str, path: os.PathLike, what: str = "
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         model = open_clip.create_model(model_name, device="meta")
     load_open_clip_checkpoint(model, path, what, model_name)
+
+
+@contextlib.contextmanager
+def swapped(module, **attrs) -> Iterator[None]:
+    """``module``'s attributes set to ``attrs`` for this block, and what was there put back after,
+    also when the block raises: for libraries with no hooks (img2dataset, open_clip_train),
+    changed through the globals their code looks up, for one call or one run only."""
+    saved = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)

@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..common import swapped
 from ..data.decode import SkipCounter
 
 # (module, attribute, a line of that module's source that uses the attribute as replaced)
@@ -200,26 +201,15 @@ def get_data_for(run: ClipRun, original: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def replaced(module, name: str, value) -> Iterator[None]:
-    """``module.name`` is ``value`` inside, what it was before after (also on an error)."""
-    before = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, before)
-
-
-@contextlib.contextmanager
 def patched(run: ClipRun) -> Iterator[ClipRun]:
     """open_clip_train as this run needs it (the module docstring's list), restored on leaving."""
     import open_clip_train.main as main
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(replaced(main, "get_data", get_data_for(run, main.get_data)))
-        stack.enter_context(replaced(main, "torch", _torch_view(run.device)))
+        stack.enter_context(swapped(main, get_data=get_data_for(run, main.get_data)))
+        stack.enter_context(swapped(main, torch=_torch_view(run.device)))
         if run.device.fused_optimizer:
-            stack.enter_context(replaced(main, "optim", _optim_view()))
+            stack.enter_context(swapped(main, optim=_optim_view()))
         if run.device.fsdp:
             create = main.create_model_and_transforms
 
@@ -230,5 +220,5 @@ def patched(run: ClipRun) -> Iterator[ClipRun]:
                 logging.getLogger(__name__).info("FSDP: %d weight matrices sharded", run.device.shard(model))
                 return model, pp_train, pp_val
 
-            stack.enter_context(replaced(main, "create_model_and_transforms", create_sharded))
+            stack.enter_context(swapped(main, create_model_and_transforms=create_sharded))
         yield run

@@ -28,6 +28,7 @@ from ..data.shards import check_shards, count_samples
 from .. import run_folder
 from ..data.decode import SkipCounter
 from ..device import for_name
+from ..errors import CheckpointError, CrateAlphaError
 from ..recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RecipeError, check_resume_compatible,
                      check_values, load_recipe)
 
@@ -156,7 +157,7 @@ def prepare_init(cfg: dict, run_dir: Path) -> str:
         wrong = [k for k in text if k in own and own[k].shape != text[k].shape]
         extra = sorted(k for k in text if k not in own)
         if missing or wrong or extra:
-            raise RecipeError(f"text_init {cfg['text_init']} does not fit {cfg['model']}'s text tower: "
+            raise CheckpointError(f"text_init {cfg['text_init']} does not fit {cfg['model']}'s text tower: "
                               f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
         model.load_state_dict(text, strict=False)
     return str(save_checkpoint({"state_dict": model.state_dict()}, run_dir / "init.pt"))
@@ -260,7 +261,7 @@ def _train(cfg: dict, sched: dict, n: int, world: int, run_dir: Path) -> dict:
             deadline = time.time() + 3600
             while not init_path.exists():
                 if time.time() > deadline:
-                    raise RecipeError(f"rank 0 did not write {init_path} within an hour")
+                    raise CheckpointError(f"rank 0 did not write {init_path} within an hour")
                 time.sleep(0.5)
             init = str(init_path)
     info = _plan(cfg, sched, n, world, run_dir, init)
@@ -319,7 +320,7 @@ def _open_clip_train(args: List[str], run, metrics_path=None) -> None:
     for noisy in ("torch._dynamo", "torch._subclasses"):  # open_clip_train set the root logger to INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if rc not in (None, 0):
-        raise RuntimeError(f"open_clip_train exited with {rc}")
+        raise CrateAlphaError(f"open_clip_train exited with {rc} (its log above says why)")
     if run.counter.count:
         logging.warning("skipped %d damaged samples or shards", run.counter.count)
 

@@ -39,7 +39,8 @@ from ..errors import DataError
 from . import storage
 from .decode import MAX_IMAGE_AREA
 from .ownership import check_may_write, claim, clear_owned
-from .sample_checks import checked_img2dataset, swapped
+from ..common import swapped
+from .sample_checks import checked_img2dataset
 
 # img2dataset's package namespace shadows its module names with functions; take the modules
 _i2d_main = importlib.import_module("img2dataset.main")

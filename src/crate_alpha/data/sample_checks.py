@@ -16,11 +16,10 @@ import this module themselves, so the checks run wherever img2dataset runs a sha
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import os
-from typing import Iterator, List, Optional
+from typing import List, Optional
 from urllib.parse import urlsplit
 
 import fsspec
@@ -32,6 +31,7 @@ from img2dataset.resizer import Resizer  # noqa: E402
 
 # the header reading the training loader's decode and ``data verify`` use too: one function,
 # so that download, verify and training agree on which images are too large
+from ..common import swapped  # noqa: E402  (img2dataset has no hooks: its globals, for one call)
 from .decode import header_area  # noqa: E402
 
 # img2dataset's package namespace exports functions named like its modules ("main",
@@ -118,21 +118,6 @@ class CheckedDownloader(Downloader):
         with swapped(_downloader_mod,
                      download_image_with_retry=lambda r, *a, **k: _checked_fetch(original, expected, r, *a, **k)):
             return super().download_shard(row)
-
-
-@contextlib.contextmanager
-def swapped(module, **attrs) -> Iterator[None]:
-    """``module``'s attributes set to ``attrs`` for this block, and what was there put back after,
-    also when the block raises: img2dataset has no hooks, so its checks and its worker start are
-    changed through the globals its code looks up, for one call only."""
-    saved = {name: getattr(module, name) for name in attrs}
-    for name, value in attrs.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def checked_img2dataset():

@@ -56,6 +56,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from .crate_alpha import build_variant, pretrained_cfg
 from .layers import ISTA, MSSA, ODL, resample_pos_embed_on_load
+from ..errors import ModelConfigError
 
 __all__ = ["ISTA", "CrateBlock", "CratePatchEmbed", "Crate", "CRATE_SIZES", "ABLATION_LADDER",
            "checkpoint_filter_fn", "list_crate_models"]
@@ -119,7 +120,7 @@ class CratePatchEmbed(PatchEmbed):
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         if patch_size is not None and tuple(to_2tuple(patch_size)) != self.patch_size:
-            raise ValueError("CRATE's patch embedding has a LayerNorm over each patch's pixels; "
+            raise ModelConfigError("CRATE's patch embedding has a LayerNorm over each patch's pixels; "
                              "its patch size cannot be changed")
         super().set_input_size(img_size=img_size, patch_size=None)
 
@@ -127,11 +128,11 @@ class CratePatchEmbed(PatchEmbed):
         B, C, H, W = x.shape
         ph, pw = self.patch_size
         if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
-            raise ValueError(f"input size ({H}, {W}) does not match the model's {tuple(self.img_size)}")
+            raise ModelConfigError(f"input size ({H}, {W}) does not match the model's {tuple(self.img_size)}")
         if self.dynamic_img_pad:
             x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
         elif H % ph or W % pw:
-            raise ValueError(f"input size ({H}, {W}) is not divisible by the patch size {self.patch_size}")
+            raise ModelConfigError(f"input size ({H}, {W}) is not divisible by the patch size {self.patch_size}")
         B, C, H, W = x.shape
         gh, gw = H // ph, W // pw
         x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 3, 5, 1).reshape(B, gh, gw, ph * pw * C)
@@ -141,7 +142,7 @@ class CratePatchEmbed(PatchEmbed):
         if self.output_fmt == Format.NCHW and not self.flatten:
             return x.permute(0, 3, 1, 2)
         if self.output_fmt not in (Format.NCHW, Format.NLC):
-            raise ValueError(f"CratePatchEmbed: unsupported output format {self.output_fmt}")
+            raise ModelConfigError(f"CratePatchEmbed: unsupported output format {self.output_fmt}")
         return x.reshape(B, gh * gw, -1)
 
 
@@ -186,12 +187,12 @@ class Crate(VisionTransformer):
             **kwargs: Any,
     ) -> None:
         if mlp not in ("ista", "odl"):
-            raise ValueError(f"mlp must be 'ista' (CRATE) or 'odl' (CRATE-α), got {mlp!r}")
+            raise ModelConfigError(f"mlp must be 'ista' (CRATE) or 'odl' (CRATE-α), got {mlp!r}")
         if patch_embed not in ("crate", "conv"):
-            raise ValueError(f"patch_embed must be 'crate' or 'conv', got {patch_embed!r}")
+            raise ModelConfigError(f"patch_embed must be 'crate' or 'conv', got {patch_embed!r}")
         for key in ("attn_layer", "mlp_layer", "block_fn", "embed_layer", "mlp_ratio"):
             if key in kwargs:
-                raise ValueError(f"Crate fixes {key}; choose the blocks with mlp=, mlp_residual=, patch_embed=")
+                raise ModelConfigError(f"Crate fixes {key}; choose the blocks with mlp=, mlp_residual=, patch_embed=")
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         kwargs.setdefault("norm_layer", norm_layer)
         kwargs.setdefault("qkv_bias", False)
@@ -233,7 +234,7 @@ class Crate(VisionTransformer):
                     m.reset_parameters()
 
     def fix_init_weight(self) -> None:
-        raise ValueError("fix_init rescales an MLP's fc2, which CRATE's blocks do not have")
+        raise ModelConfigError("fix_init rescales an MLP's fc2, which CRATE's blocks do not have")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -46,6 +46,7 @@ from .official_layout import (
     load_npz,
     official_layout,
 )
+from ..errors import CheckpointError, ModelConfigError
 
 __all__ = ["MSSA", "ODL", "SparseCodingLayer", "sincos_2d_pos_embed", "CrateAlpha", "CRATE_ALPHA_SIZES",
            "list_crate_alpha_models", "checkpoint_filter_fn"]
@@ -86,10 +87,10 @@ class CrateAlpha(VisionTransformer):
             **kwargs: Any,
     ) -> None:
         if pos_embed not in ("learn", "sincos", "none", ""):
-            raise ValueError(f"pos_embed must be 'learn', 'sincos' or 'none', got {pos_embed!r}")
+            raise ModelConfigError(f"pos_embed must be 'learn', 'sincos' or 'none', got {pos_embed!r}")
         for key in ("attn_layer", "mlp_layer", "block_fn", "embed_layer", "mlp_ratio"):
             if key in kwargs:
-                raise ValueError(f"CrateAlpha fixes {key}; it cannot be overridden")
+                raise ModelConfigError(f"CrateAlpha fixes {key}; it cannot be overridden")
         self.pos_embed_type = pos_embed
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=norm_eps))
         kwargs.setdefault("qkv_bias", False)
@@ -124,7 +125,7 @@ class CrateAlpha(VisionTransformer):
         resampling the learned low-resolution embedding.
         """
         if self.pos_embed is None:
-            raise ValueError("this model has no position embedding")
+            raise ModelConfigError("this model has no position embedding")
         prefix = 0 if self.no_embed_class else self.num_prefix_tokens
         pe = sincos_2d_pos_embed(self.patch_embed.grid_size, self.embed_dim)
         pe = torch.cat([pe.new_zeros(prefix, self.embed_dim), pe], dim=0)[None]
@@ -223,7 +224,7 @@ def custom_variant_name(width: int, depth: int, heads: int, patch: int, res: int
 def _shape_of_tag(tag: str, what: str) -> Dict[str, Any]:
     m = _SHAPE_TAG.match(tag)
     if m is None:
-        raise ValueError(f"{what}: the tag {tag!r} is not a shape w{{width}}_d{{depth}}_h{{heads}}_patch{{P}}_{{res}} "
+        raise ModelConfigError(f"{what}: the tag {tag!r} is not a shape w{{width}}_d{{depth}}_h{{heads}}_patch{{P}}_{{res}} "
                          "(crate_alpha_custom has no released weights)")
     w, d, h, p, r = map(int, m.groups())
     check_shape_args(w, d, h, p, r, what=what)
@@ -248,7 +249,7 @@ def check_shape_args(embed_dim, depth, num_heads, patch_size, img_size, what: st
     if embed_dim >= 1 and num_heads >= 1 and embed_dim % num_heads:
         problems.append(f"width {embed_dim} is not divisible by {num_heads} heads")
     if problems:
-        raise ValueError(f"{what}: " + "; ".join(problems))
+        raise ModelConfigError(f"{what}: " + "; ".join(problems))
 
 
 def variant_args(name: str) -> Dict[str, Any]:
@@ -265,7 +266,7 @@ def variant_args(name: str) -> Dict[str, Any]:
         if variant_name(size, patch, res) == name:
             w, d, h = CRATE_ALPHA_SIZES[size]
             return dict(embed_dim=w, depth=d, num_heads=h, patch_size=patch, img_size=res)
-    raise ValueError(unknown_model_message(name))
+    raise ModelConfigError(unknown_model_message(name))
 
 
 def list_crate_alpha_models() -> list:
@@ -286,7 +287,7 @@ def _check_released_shape(model: "CrateAlpha", info: Dict[str, Any], source: str
     own = (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads, model.patch_embed.patch_size[0])
     theirs = (info["width"], info["depth"], info["heads"], info["patch"])
     if own != theirs:
-        raise ValueError(f"{source} holds a CRATE-α of width {theirs[0]}, depth {theirs[1]}, {theirs[2]} heads, "
+        raise CheckpointError(f"{source} holds a CRATE-α of width {theirs[0]}, depth {theirs[1]}, {theirs[2]} heads, "
                          f"patch {theirs[3]}; the model asked for is {own[0]}, {own[1]}, {own[2]}, {own[3]}")
 
 
@@ -319,7 +320,7 @@ def _check_head(model: "CrateAlpha", file_classes: int) -> None:
     # a file whose head differs from the cfg would otherwise fail in load_state_dict.
     cfg_classes = getattr(model, "pretrained_cfg", {}).get("num_classes")
     if file_classes != model.num_classes and model.num_classes == cfg_classes:
-        raise ValueError(f"the checkpoint has a {file_classes}-class head and the model {model.num_classes} classes: "
+        raise CheckpointError(f"the checkpoint has a {file_classes}-class head and the model {model.num_classes} classes: "
                          f"pass num_classes={file_classes} to keep it, or another num_classes for a new head")
 
 
@@ -433,7 +434,7 @@ def crate_alpha_custom(pretrained: bool = False, pretrained_cfg=None, **kwargs) 
     if isinstance(pretrained_cfg, str):  # the tag: timm hands the part after the dot to the entrypoint
         args = _shape_of_tag(pretrained_cfg, f"{CUSTOM}.{pretrained_cfg}")
         if pretrained:
-            raise ValueError(f"{CUSTOM}.{pretrained_cfg}: no released weights have this shape; "
+            raise ModelConfigError(f"{CUSTOM}.{pretrained_cfg}: no released weights have this shape; "
                              "load a converted folder with local-dir: instead")
         pretrained_cfg = {**pretrained_cfg_of(args["img_size"]), "architecture": CUSTOM, "tag": ""}
     return build_variant(CrateAlpha, CUSTOM, pretrained, {**args, **kwargs}, pretrained_cfg=pretrained_cfg)

@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
+from ..errors import ModelConfigError
+
 __all__ = ["MSSA", "SparseCodingLayer", "ODL", "ISTA", "sincos_2d_pos_embed", "grid_of", "resample_pos_embed",
            "resample_pos_embed_on_load"]
 
@@ -70,9 +72,9 @@ class MSSA(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"MSSA: width {dim} is not divisible by {num_heads} heads")
+            raise ModelConfigError(f"MSSA: width {dim} is not divisible by {num_heads} heads")
         if qk_norm or scale_norm:
-            raise ValueError("MSSA has one shared q=k=v projection; qk_norm/scale_norm do not apply")
+            raise ModelConfigError("MSSA has one shared q=k=v projection; qk_norm/scale_norm do not apply")
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -150,7 +152,7 @@ class SparseCodingLayer(nn.Module):
     ) -> None:
         super().__init__()
         if out_features not in (None, in_features):
-            raise ValueError(f"{type(self).__name__} maps the residual stream to itself: out_features must equal "
+            raise ModelConfigError(f"{type(self).__name__} maps the residual stream to itself: out_features must equal "
                              f"in_features ({in_features}), got {out_features}")
         self.eta = eta
         self.lmbda = lmbda
@@ -227,7 +229,7 @@ class ISTA(SparseCodingLayer):
 
     def build(self, in_features: int, hidden_features: Optional[int], dd: Dict[str, Any]) -> None:
         if hidden_features not in (None, in_features):
-            raise ValueError(f"ISTA's dictionary is square: hidden_features must equal in_features ({in_features}), "
+            raise ModelConfigError(f"ISTA's dictionary is square: hidden_features must equal in_features ({in_features}), "
                              f"got {hidden_features}")
         self.weight = nn.Parameter(torch.empty(in_features, in_features, **dd))
 
@@ -264,7 +266,7 @@ def sincos_2d_pos_embed(grid: Tuple[int, int], dim: int, temperature: float = 10
     paper's JAX checkpoints expect big_vision's order.
     """
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+        raise ModelConfigError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     h, w = grid
     y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
                           indexing="ij")
@@ -279,7 +281,7 @@ def grid_of(num_tokens: int, what: str) -> Tuple[int, int]:
     """The square grid of ``num_tokens`` position tokens; ValueError naming ``what`` otherwise."""
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
-        raise ValueError(f"{what}: {num_tokens} position tokens do not form a square grid")
+        raise ModelConfigError(f"{what}: {num_tokens} position tokens do not form a square grid")
     return side, side
 
 

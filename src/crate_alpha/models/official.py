@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import MSSA, ODL
+from ..errors import ModelConfigError
 
 __all__ = ["ista", "mssa", "EinsumMSSA", "EinsumODL", "official_form"]
 
@@ -57,7 +58,7 @@ class EinsumMSSA(nn.Module):
         super().__init__()
         if layer.attn_drop:
             # The official inference code has no attention dropout to compare against.
-            raise ValueError("EinsumMSSA: attention dropout is not supported")
+            raise ModelConfigError("EinsumMSSA: attention dropout is not supported")
         self.num_heads = layer.num_heads
         self.qkv = layer.qkv
         self.proj = layer.proj
@@ -66,7 +67,7 @@ class EinsumMSSA(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("EinsumMSSA: the official form has no attention mask")
+            raise ModelConfigError("EinsumMSSA: the official form has no attention mask")
         out = mssa(x, self.qkv.weight, self.proj.weight, self.num_heads, self.qkv.bias, self.proj.bias)
         return self.proj_drop(out)
 
@@ -98,7 +99,7 @@ def official_form(model: nn.Module) -> nn.Module:
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if isinstance(child, (MSSA, ODL))]
     if not swaps:
-        raise ValueError("official_form: the model has no MSSA or ODL layer")
+        raise ModelConfigError("official_form: the model has no MSSA or ODL layer")
     for parent, name, child in swaps:
         setattr(parent, name, EinsumMSSA(child) if isinstance(child, MSSA) else EinsumODL(child))
     return model

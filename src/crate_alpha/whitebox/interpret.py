@@ -56,6 +56,7 @@ from timm.layers import Attention as TimmAttention
 from timm.layers import Mlp as TimmMlp
 
 from ..common import CrateAlphaError, folder_kind, model_folder
+from ..errors import WhiteboxError
 
 __all__ = [
     "BlockTrace", "Trace", "encoder", "trace", "attention", "pca_features", "maskcut", "ncut_bipartition",
@@ -124,14 +125,14 @@ def encoder(model) -> nn.Module:
             m = m.trunk
     if not _is_encoder(m):
         what = type(m).__name__
-        raise ValueError(f"cannot find a timm vision transformer in {what}: expected a timm model with patch_embed "
+        raise WhiteboxError(f"cannot find a timm vision transformer in {what}: expected a timm model with patch_embed "
                          "and blocks, an open_clip model with a timm tower (visual.trunk), or a string naming one "
                          "(open_clip's own VisionTransformer tower is not supported)")
     for i, blk in enumerate(m.blocks):
         if not (hasattr(blk, "attn") and hasattr(blk, "mlp")):
-            raise ValueError(f"block {i} of {type(m).__name__} has no attn / mlp: not a ViT-style encoder")
+            raise WhiteboxError(f"block {i} of {type(m).__name__} has no attn / mlp: not a ViT-style encoder")
         if _attention_view(blk.attn) is None:
-            raise ValueError(f"block {i}'s attention {type(blk.attn).__name__} has no subspace_features(x) and is "
+            raise WhiteboxError(f"block {i}'s attention {type(blk.attn).__name__} has no subspace_features(x) and is "
                              "not timm's Attention: interpret cannot read its subspaces")
     return m.eval()
 
@@ -320,11 +321,11 @@ def _embed(enc: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[in
 
 def _check_images(enc: nn.Module, images) -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        raise ValueError("images must be a float tensor (B, C, H, W) normalised for the model")
+        raise WhiteboxError("images must be a float tensor (B, C, H, W) normalised for the model")
     ph, pw = (int(s) for s in enc.patch_embed.patch_size)
     H, W = images.shape[-2:]
     if H % ph or W % pw or H < ph or W < pw:
-        raise ValueError(f"image size {H}x{W} is not a positive multiple of the patch size {ph}x{pw}")
+        raise WhiteboxError(f"image size {H}x{W} is not a positive multiple of the patch size {ph}x{pw}")
     return images
 
 
@@ -347,7 +348,7 @@ def sparse_code(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     view = _coding_view(mlp)
     if view is None:
-        raise ValueError(f"{type(mlp).__name__} is not a sparse-coding operator (it has no sparse_code(x))")
+        raise WhiteboxError(f"{type(mlp).__name__} is not a sparse-coding operator (it has no sparse_code(x))")
     return view.sparse_code(x)
 
 
@@ -362,7 +363,7 @@ def _record(blk: nn.Module, x: torch.Tensor, out: torch.Tensor, got: dict, with_
             with_code: bool) -> BlockTrace:
     for key in ("attn_in", "mlp_in"):
         if key not in got:
-            raise ValueError(f"{type(blk).__name__} did not call its {key[:-3]} in forward")
+            raise WhiteboxError(f"{type(blk).__name__} did not call its {key[:-3]} in forward")
     features, probs = _attention_parts(blk.attn, got["attn_in"], with_attention)
     view = _coding_view(blk.mlp)
     code = view.sparse_code(got["mlp_in"]) if with_code and view is not None else None
@@ -375,7 +376,7 @@ def _record(blk: nn.Module, x: torch.Tensor, out: torch.Tensor, got: dict, with_
 
 def _layer_index(layer: int, depth: int) -> int:
     if not -depth <= layer < depth:
-        raise ValueError(f"layer {layer} does not exist: the model has {depth} blocks")
+        raise WhiteboxError(f"layer {layer} does not exist: the model has {depth} blocks")
     return layer % depth
 
 
@@ -449,7 +450,7 @@ def attention(model, images: torch.Tensor) -> torch.Tensor:
 def _check_attention_maps(enc: nn.Module, indices) -> None:
     for i in indices:
         if not hasattr(_attention_view(enc.blocks[i].attn), "attention_map"):
-            raise ValueError(f"block {i}'s attention {type(enc.blocks[i].attn).__name__} gives no attention_map(x)")
+            raise WhiteboxError(f"block {i}'s attention {type(enc.blocks[i].attn).__name__} gives no attention_map(x)")
 
 
 def _upsample(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -482,9 +483,9 @@ def coarse_segmentation(model, images: torch.Tensor, keep: float = 0.6, layer: i
     mean attention over all queries is used.
     """
     if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
+        raise WhiteboxError(f"keep must be in (0, 1], got {keep}")
     if merge not in ("majority", "union"):
-        raise ValueError(f"merge must be 'majority' or 'union', got {merge!r}")
+        raise WhiteboxError(f"merge must be 'majority' or 'union', got {merge!r}")
     enc = encoder(model)
     index = _layer_index(layer, len(enc.blocks))
     _check_attention_maps(enc, [index])
@@ -596,11 +597,11 @@ def ncut_bipartition(x, grid: Tuple[int, int], tau: Optional[float] = 0.15, *, a
     x = np.asarray(x.detach().cpu().double() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
     if affinity:
         if x.shape != (n, n):
-            raise ValueError(f"affinity must be ({n}, {n}) for grid {gh}x{gw}, got {x.shape}")
+            raise WhiteboxError(f"affinity must be ({n}, {n}) for grid {gh}x{gw}, got {x.shape}")
         sim = x
     else:
         if x.ndim != 2 or x.shape[0] != n:
-            raise ValueError(f"features must be ({n}, C) for grid {gh}x{gw}, got {x.shape}")
+            raise WhiteboxError(f"features must be ({n}, C) for grid {gh}x{gw}, got {x.shape}")
         unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         sim = unit @ unit.T
     out = np.zeros(n, dtype=bool), np.zeros(n)
@@ -644,7 +645,7 @@ def maskcut_from_features(feats, grid: Tuple[int, int], num_masks: int = 3, tau:
     """
     gh, gw = (int(g) for g in grid)
     if num_masks < 1:
-        raise ValueError(f"num_masks must be at least 1, got {num_masks}")
+        raise WhiteboxError(f"num_masks must be at least 1, got {num_masks}")
     taken = np.zeros((gh, gw), dtype=bool)
     masks = np.zeros((num_masks, gh, gw), dtype=bool)
     for i in range(num_masks):
@@ -706,7 +707,7 @@ def dictionary_error(mlp: nn.Module, x: torch.Tensor, code: torch.Tensor) -> tor
     ISTA with its W (``F.linear(z, W)``).
     """
     if not hasattr(mlp, "reconstruct"):
-        raise ValueError(f"{type(mlp).__name__} has no dictionary (no reconstruct(z))")
+        raise WhiteboxError(f"{type(mlp).__name__} has no dictionary (no reconstruct(z))")
     err = mlp.reconstruct(code.to(_dtype_of(mlp, code.dtype))).double() - x.double()
     return err.flatten(1).norm(dim=1) / x.double().flatten(1).norm(dim=1).clamp_min(1e-30)
 
