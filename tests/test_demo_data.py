@@ -51,3 +51,10 @@ def test_fresh_deletes_only_run_folders_the_demo_wrote(tmp_path):
     assert (ours / "notes.txt").exists() and (theirs / "notes.txt").exists()  # nothing deleted
     clear_runs([ours, missing])
     assert not ours.exists() and (theirs / "notes.txt").exists()
+    # a demo stopped during a training left the trainer's mark on its run folder: --fresh clears it too
+    from crate_alpha import run_folder
+
+    stopped = run_folder.claim(tmp_path / "crate-alpha_pretrain", run_folder.CLIP_RUN)
+    (stopped / "out.log").write_text("Start epoch 0")
+    clear_runs([stopped])
+    assert not stopped.exists() and (theirs / "notes.txt").exists()

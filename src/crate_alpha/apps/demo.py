@@ -20,19 +20,27 @@ from pathlib import Path
 
 from ..clip.trainer import checkpoint_path
 from ..common import write_json
-from ..data.ownership import check_may_write, clear_owned, mark
+from .. import run_folder
+from ..data.ownership import check_may_write, clear_owned, mark, owner_kind
 
 # the demos mark the run folders they write, so --fresh deletes those and nothing else
 DEMO_RUN = "demo run"
 
 
 def clear_runs(folders) -> None:
-    """``--fresh``: delete these run folders if the demo wrote them; refuse (nothing deleted) otherwise."""
+    """``--fresh``: delete these run folders if the demo wrote them; refuse (nothing deleted) otherwise.
+
+    A demo stopped during a training has not marked that run folder yet: it still carries the
+    trainer's own mark, which at the demo's own path is the demo's run too.
+    """
     folders = [Path(f) for f in folders]
+    kinds = {f: owner_kind(f) if owner_kind(f) in (run_folder.CLIP_RUN, run_folder.CLASSIFIER_RUN) else DEMO_RUN
+             for f in folders}
     for f in folders:  # every folder checked before any is deleted
-        check_may_write(f, DEMO_RUN)
+        check_may_write(f, kinds[f])
     for f in folders:
-        clear_owned(f, DEMO_RUN)
+        clear_owned(f, kinds[f])
+
 
 MODELS = {"crate-alpha": "crate-alpha-demo", "vit": "vit-demo"}
 PRETRAIN = "clipa_crate_alpha_L14_84_pretrain:demo"
