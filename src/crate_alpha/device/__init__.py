@@ -22,7 +22,7 @@ from .base import NAMES, CpuDevice, CudaDevice, Device, ProcessInfo, check_choic
 from .xla import XlaDevice
 
 __all__ = ["NAMES", "Device", "CpuDevice", "CudaDevice", "XlaDevice", "ProcessInfo", "check_choice", "for_name",
-           "default_name"]
+           "default_name", "bf16_is_fast"]
 
 _DEVICES = {"cpu": CpuDevice, "cuda": CudaDevice, "xla": XlaDevice}
 
@@ -40,3 +40,13 @@ def for_name(name: Optional[str], fsdp: bool = False) -> Device:
     """
     check_choice(name, fsdp)
     return _DEVICES[name or default_name()](fsdp=bool(fsdp))
+
+
+def bf16_is_fast() -> bool:
+    """Whether bf16 autocast pays off where a recipe without a ``device`` trains: on a GPU, or a
+    CPU with bf16 instructions (AVX512-BF16 / AMX). On an AVX2-only CPU, torch emulates bf16
+    and a 1024² matmul takes ~45x longer than in fp32 (8.7 s against 0.19 s, measured)."""
+    if torch.cuda.is_available():
+        return True
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch has no public query
+    return bool(check()) if check is not None else True
