@@ -164,6 +164,50 @@ def test_device_loader_raises_what_the_cpu_loader_raised():
     assert len(got) == 1 and got[0].shape == (2, 3)
 
 
+def test_xla_device_seam(tmp_path):
+    """crate_alpha.device's XLA side in this process: no launcher and no SPMD (those run in subprocesses)."""
+    import torch.optim.optimizer as torch_optimizer
+
+    from crate_alpha.device import XlaDevice, for_name
+    from crate_alpha.device.xla import DeviceLoader, has_xla_tensors
+
+    dev = for_name("xla")
+    assert isinstance(dev, XlaDevice)
+    dev.check_ready()
+    assert dev.world_size() == 1
+    rank, local, world, device = dev.join_process_group()
+    assert (rank, local, world, device.type) == (0, 0, 1, "xla")
+    assert dev.ddp_device_ids([device]) is None and not dev.fused_optimizer
+    assert dev.batch_device == torch.device("cpu")  # uint8 batches are normalised before the device loader
+
+    loader = dev.wrap_loader([torch.ones(2, 3), torch.zeros(2, 3)])
+    assert isinstance(loader, DeviceLoader) and len(loader) == 2
+    assert [b.device.type for b in loader] == ["xla", "xla"]
+    assert dev.shard(torch.nn.Linear(3, 3)) == 0  # sharding is fsdp's
+
+    # the step boundary after each optimizer step: one compilation, metrics per step, hook removed after
+    model = torch.nn.Linear(3, 1).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = dict(torch_optimizer._global_optimizer_post_hooks)
+    with dev.optimizer_hooks(tmp_path / "xla_metrics.json"):
+        for x in loader:
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert len(dev.metrics.steps) == 2
+    assert dict(torch_optimizer._global_optimizer_post_hooks) == before and dev.metrics is None
+    steps = json.loads((tmp_path / "xla_metrics.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["compiles"] >= 1 for s in steps)
+
+    # a checkpoint saved from XLA tensors loads without torch_xla's tensors (it is a CPU one)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}
+    assert has_xla_tensors(state)
+    dev.save(state, tmp_path / "latest.pt")
+    back = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert not has_xla_tensors(back) and back["epoch"] == 1
+    torch.testing.assert_close(back["model"]["weight"], model.weight.cpu())
+
+
 def test_cls_recipe_20_steps_match_cpu_and_compile_once(demo_data, tmp_path):
     common = ("epochs=1", "global_batch=64", "log_interval=1", "amp=False")
     _run(_cls(demo_data, tmp_path, "cpu", "device=cpu", *common))

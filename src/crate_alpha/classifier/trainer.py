@@ -4,11 +4,11 @@ around a short loop, with DDP through torchrun, bf16 autocast and optional torch
 
 The loop itself is written here because timm ships its training loop only as a script
 (train.py), not as a library function; the recipe keys are that script's argument names.
-``device=xla`` runs the same loop on TPUs (or XLA:CPU) through ``crate_alpha.device.xla``: one
-process per device from torch_xla's launcher, batches moved by its device loader,
-Mixup/CutMix on the host (a CutMix box of random size on the device would give every
-step a new graph), a step boundary after each optimizer step, and ``fsdp=True`` for SPMD
-sharding over all devices.
+Everything that depends on the device goes through ``crate_alpha.device``'s seam, so
+``device=xla`` runs the same loop on TPUs (or XLA:CPU): one process per device from
+torch_xla's launcher, batches moved by its device loader, Mixup/CutMix on the host (a
+CutMix box of random size on the device would give every step a new graph), a step
+boundary after each optimizer step, and ``fsdp=True`` for SPMD sharding over all devices.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 from tqdm import tqdm
 
-from ..device import xla as xla_rt
-from ..common import save_checkpoint, write_json
+from ..common import write_json
+from ..device import Device, for_name
 from .. import run_folder
 from ..recipe import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, RecipeError,
                       check_resume_compatible, check_values, load_recipe)
@@ -129,26 +129,9 @@ def _autocast_dtype(cfg: dict):
     return getattr(torch, cfg["amp_dtype"]) if cfg["amp"] else None
 
 
-def _dist(cfg: dict):
-    if cfg.get("device") == "xla":
-        if cfg["fsdp"]:
-            return 0, 1, xla_rt.device()
-        rank, _, world = xla_rt.ordinals()
-        if world > 1 and not dist.is_initialized():
-            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the 'xla' backend)
-
-            dist.init_process_group("xla", init_method="xla://")
-        return rank, world, xla_rt.device()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and cfg.get("device") != "cpu"
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return rank, world, device
+def device_of(cfg: dict) -> Device:
+    """The recipe's training device (``crate_alpha.device``)."""
+    return for_name(cfg.get("device"), fsdp=cfg["fsdp"])
 
 
 def build_model(cfg: dict, num_classes: int) -> nn.Module:
@@ -198,7 +181,7 @@ def _plot(history, path: Path) -> None:
 
 
 class _HostMixup:
-    """Mixup/CutMix applied to CPU batches, before they cross to an XLA device."""
+    """Mixup/CutMix applied to CPU batches, before they cross to a device that needs static shapes (XLA)."""
 
     def __init__(self, loader, mixup):
         self.loader, self.mixup = loader, mixup
@@ -213,22 +196,21 @@ class _HostMixup:
 
 def train(recipe: str | None, overrides=(), cfg: dict | None = None) -> dict:
     cfg = cfg or load(recipe, overrides)
-    if cfg.get("device") == "xla":
-        xla_rt.check_ready(cfg["fsdp"])
+    dev = device_of(cfg)
+    dev.check_ready()
     _check_data(cfg)
     run_dir = run_dir_of(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the folder for the whole run
         return _train(cfg)
     run_folder.claim(run_dir, run_folder.CLASSIFIER_RUN)
     with run_folder.locked(run_dir):
-        if cfg.get("device") == "xla" and not cfg["fsdp"]:
-            xla_rt.launch(_xla_process, args=(cfg,))
-            return json.loads((run_dir / "summary.json").read_text())
-        return _train(cfg)
+        summary = dev.launch(_process, (cfg,))
+        # launched in other processes (XLA's launcher), rank 0 left its summary in the run folder
+        return summary if summary is not None else json.loads((run_dir / "summary.json").read_text())
 
 
-def _xla_process(index: int, cfg: dict) -> None:
-    _train(cfg)
+def _process(index: int, cfg: dict) -> dict:
+    return _train(cfg)
 
 
 def _check_data(cfg: dict) -> None:
@@ -286,9 +268,8 @@ class StepTiming:
 
 def _train(cfg: dict) -> dict:
     num_classes = cfg["num_classes"] or num_classes_of(cfg["train_data"])
-    on_xla = cfg.get("device") == "xla"
-    mesh = xla_rt.use_spmd() if on_xla and cfg["fsdp"] else None
-    rank, world, device = _dist(cfg)
+    dev = device_of(cfg)
+    rank, _, world, device = dev.join_process_group()
     random.seed(cfg["seed"] + rank)  # timm's crops and flips draw from Python's random
     np.random.seed(cfg["seed"] + rank)  # timm's Mixup draws from numpy
     torch.manual_seed(cfg["seed"] + rank)
@@ -309,8 +290,7 @@ def _train(cfg: dict) -> dict:
     if resume is None and cfg["initial_checkpoint"]:
         init_report = load_encoder(model, cfg["initial_checkpoint"], cfg["new_head"], cfg["load_patch_embed"])
     model.to(device)
-    if mesh is not None:
-        xla_rt.shard_module(model, mesh)
+    dev.shard(model)  # XLA FSDP; elsewhere nothing
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     skipped = SkipCounter()  # images that do not decode: skipped, named, counted across the loader workers
     train_loader, n_train, sampler = make_loader(cfg["train_data"], _train_transform(cfg, mean, std), batch, True,
@@ -346,15 +326,12 @@ def _train(cfg: dict) -> dict:
         start_epoch, num_updates = resume["epoch"], resume["num_updates"]
         history = json.loads(resume["history"])
         _log.info("resuming %s at epoch %d", latest, start_epoch)
-    ddp_kwargs = {"gradient_as_bucket_view": True} if on_xla else {}
-    ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs) if world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **dev.ddp_kwargs) if world > 1 else model
     forward = compiled(ddp, cfg["torchcompile"])  # checkpoints keep saving `model`'s own names
     batches = train_loader
-    if on_xla:
-        if mixup is not None:
-            batches, mixup = _HostMixup(train_loader, mixup), None
-        batches = xla_rt.DeviceLoader(batches, device, mesh=mesh)
-    metrics = xla_rt.StepMetrics(run_dir / "xla_metrics.json" if rank == 0 else None) if on_xla else None
+    if mixup is not None and dev.static_shapes:
+        batches, mixup = _HostMixup(train_loader, mixup), None
+    batches = dev.wrap_loader(batches)
     log_path = run_dir / "train_log.jsonl"
     if rank == 0:
         for stale in ckpt_dir.glob(".*.partial-*"):  # a write cut short by a kill
@@ -370,69 +347,66 @@ def _train(cfg: dict) -> dict:
     t0 = time.time()
     timing = StepTiming()
     amp_dtype = _autocast_dtype(cfg)
-    for epoch in range(start_epoch, cfg["epochs"]):
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        ddp.train()
-        total, count = 0.0, 0
-        bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=rank != 0,
-                   leave=False)
-        end = time.perf_counter()
-        for x, y in bar:
-            waited = time.perf_counter() - end  # timm's data_time: how long the step waited for its batch
-            x, y = x.to(device), torch.as_tensor(y).to(device)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                loss = loss_fn(forward(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
-            optimizer.step()
-            if on_xla:
-                xla_rt.sync()  # the whole step is one graph; the loss below is already computed
-                metrics.step()
-            num_updates += 1
-            lr_now = optimizer.param_groups[0]["lr"]
-            scheduler.step_update(num_updates)
-            if ema is not None:
-                ema.update(model, step=num_updates)
-            value = loss.item()
-            total += value
-            count += 1
-            timing.add(waited, time.perf_counter() - end)
+    # the step boundary (XLA: the end of the step graph, and xla_metrics.json) after each optimizer step
+    with dev.optimizer_hooks(run_dir / "xla_metrics.json" if rank == 0 else None):
+        for epoch in range(start_epoch, cfg["epochs"]):
+            if sampler is not None and hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            ddp.train()
+            total, count = 0.0, 0
+            bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=rank != 0,
+                       leave=False)
             end = time.perf_counter()
-            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{lr_now:.2e}", data=f"{timing.data_share:.0%}")
-            if rank == 0 and (num_updates % cfg["log_interval"] == 0 or num_updates == 1):
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": num_updates, "epoch": epoch + 1, "loss": value, "lr": lr_now,
-                                        **timing.interval()}) + "\n")
-        row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "seconds": time.time() - t0,
-               "skipped_images": skipped.count}
-        if rank == 0:
-            if val_loader is not None:
-                row.update(evaluate(ema.module if ema is not None else model, val_loader, device, amp_dtype))
-            history.append(row)
-            print(json.dumps(row), flush=True)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "num_updates": num_updates, "history": json.dumps(history),
-                     "model_name": cfg["model"], "num_classes": num_classes, "image_size": cfg["img_size"],
-                     "class_names": class_names_of(cfg["train_data"]),  # cls-eval checks data against them
-                     "recipe": json.dumps(cfg, default=str)}
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            save_checkpoint(xla_rt.to_cpu(state) if on_xla else state, latest)
-        if world > 1:
-            dist.barrier()
+            for x, y in bar:
+                waited = time.perf_counter() - end  # timm's data_time: how long the step waited for its batch
+                x, y = x.to(device), torch.as_tensor(y).to(device)
+                if mixup is not None:
+                    x, y = mixup(x, y)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                    loss = loss_fn(forward(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg["clip_grad"]:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+                optimizer.step()  # then dev.step_boundary(): the loss below is already computed
+                num_updates += 1
+                lr_now = optimizer.param_groups[0]["lr"]
+                scheduler.step_update(num_updates)
+                if ema is not None:
+                    ema.update(model, step=num_updates)
+                value = loss.item()
+                total += value
+                count += 1
+                timing.add(waited, time.perf_counter() - end)
+                end = time.perf_counter()
+                bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{lr_now:.2e}", data=f"{timing.data_share:.0%}")
+                if rank == 0 and (num_updates % cfg["log_interval"] == 0 or num_updates == 1):
+                    log_path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": num_updates, "epoch": epoch + 1, "loss": value, "lr": lr_now,
+                                            **timing.interval()}) + "\n")
+            row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "seconds": time.time() - t0,
+                   "skipped_images": skipped.count}
+            if rank == 0:
+                if val_loader is not None:
+                    row.update(evaluate(ema.module if ema is not None else model, val_loader, device, amp_dtype))
+                history.append(row)
+                print(json.dumps(row), flush=True)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                         "num_updates": num_updates, "history": json.dumps(history),
+                         "model_name": cfg["model"], "num_classes": num_classes, "image_size": cfg["img_size"],
+                         "class_names": class_names_of(cfg["train_data"]),  # cls-eval checks data against them
+                         "recipe": json.dumps(cfg, default=str)}
+                if ema is not None:
+                    state["ema"] = ema.module.state_dict()
+                dev.save(state, latest)  # on XLA, a copy on the CPU: the file a CPU/GPU run writes
+            if world > 1:
+                dist.barrier()
     summary = {"seconds": time.time() - t0, "epochs": cfg["epochs"], "history": history,
                "checkpoint": str(latest), "num_classes": num_classes, "skipped_images": skipped.count,
                **timing.totals()}
     if history:
         summary.update({k: history[-1][k] for k in ("top1", "top5") if k in history[-1]})
-    if metrics is not None:
-        metrics.write()
     if rank == 0:
         write_json(summary, run_dir / "summary.json")
         if history:

@@ -154,7 +154,7 @@ class Device:
         """Wait for the work queued on ``device`` (the CPU runs synchronously)."""
 
     def peak_memory(self, fn: Callable[[], object], device: Optional[torch.device] = None) -> Optional[int]:
-        """Peak bytes the allocator held while ``fn`` ran once; None when there is no such counter."""
+        """Peak bytes the allocator held while ``fn`` ran once; None (``fn`` not run) without such a counter."""
         return None
 
 
