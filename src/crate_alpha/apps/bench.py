@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..common import atomic_write, write_json
+from ..device import Device, default_name, for_name
 from ..models.official import official_form
 
 VARIANTS = ("crate-alpha eager", "crate-alpha compiled", "official einsum", "timm vit")
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.xla:
         return _run_xla(_resolve(args, XLA_QUICK if args.quick else XLA_DEFAULTS))
     a = _resolve(args, QUICK if args.quick else DEFAULTS)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    device = _device(a.device)
     result = bench(a.model, a.res, a.batch, a.train_batch, a.repeats, a.gemm_size, device)
     print_table(result)
     out = Path(a.out)
@@ -116,9 +117,19 @@ def run(args: argparse.Namespace) -> int:
 # Measuring
 # --------------------------------------------------------------------------------------
 
+def _device(spec: str) -> torch.device:
+    """--device: 'auto' is what a recipe without a device trains on (cuda when there is one, else cpu)."""
+    device = torch.device(default_name() if spec == "auto" else spec)
+    for_name(device.type)  # one line for a device the trainers have no seam for
+    return device
+
+
+def _seam(device: torch.device) -> Device:
+    return for_name(device.type)
+
+
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _seam(device).synchronize(device)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -176,12 +187,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device, resident: Callab
     have to compile the model again, and counts the allocator's cached pages too).
     Memory that oneDNN or OpenMP allocate outside torch's allocator is not counted.
     """
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device)
+    counted = _seam(device).peak_memory(fn, device)
+    if counted is not None:
+        return counted
     from torch.profiler import ProfilerActivity, profile
 
     base = resident()
@@ -360,7 +368,7 @@ def bench(name: str, res: int, batch: int, train_batch: int, repeats: int, gemm_
         r["speedup_vs_eager"] = eager["seconds"] / r["seconds"]
     return {"model": name, "res": res, "device": str(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "repeats": repeats, "gemm_size": gemm_size,
-            "gemm_peak_flop_per_s": peaks, "peak_mem_method": PEAK_MEMORY_METHOD[device.type],
+            "gemm_peak_flop_per_s": peaks, "peak_mem_method": PEAK_MEMORY_METHOD[_seam(device).name],
             "official_vs_eager_rel_err": official_err, "rows": rows}
 
 
@@ -454,18 +462,17 @@ def bench_xla(name: str, res: int, batch: int, repeats: int) -> list:
     The XLA step ends at ``torch_xla.sync()`` and waits for the device, so both columns
     time a whole, finished step; the first XLA steps (compilation) are left out.
     """
-    import torch_xla.core.xla_model as xm
-
     from ..device import xla
 
+    on_xla = for_name("xla")
     xla.device()  # before the first backward: autograd sizes its per-device queues once
     x, y = torch.randn(batch, 3, res, res), torch.randint(0, 10, (batch,))
     rows = []
     for precision in PRECISIONS:
         row = {"model": name, "res": res, "batch": batch, "precision": precision, "mode": "train step"}
-        for where in ("cpu", "xla"):
+        for where in (for_name("cpu"), on_xla):  # the comparison measured: the same step on each
             torch.manual_seed(0)
-            dev = xla.device() if where == "xla" else torch.device("cpu")
+            dev = where.torch_device()
             model = timm.create_model(name, img_size=res, num_classes=10).to(dev).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             xd, yd = x.to(dev), y.to(dev)
@@ -476,13 +483,11 @@ def bench_xla(name: str, res: int, batch: int, repeats: int) -> list:
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
-                if where == "xla":
-                    xla.sync()
-                    xm.wait_device_ops()
+                where.synchronize(dev)  # XLA: the step's graph ends and runs to completion
 
             before = xla.compile_count()
-            row[f"{where}_ms"] = _median_seconds(step, repeats, warmup=3) * 1e3
-            if where == "xla":
+            row[f"{where.name}_ms"] = _median_seconds(step, repeats, warmup=3) * 1e3
+            if where is on_xla:
                 row["xla_compiles"] = xla.compile_count() - before
         rows.append(row)
     return rows
@@ -551,7 +556,7 @@ def _tower_step(model: str, size: int, batch: int, device: torch.device, repeats
     x = torch.randn(batch, 3, size, size, device=device)
     flops = count_flops(tower, x[:1], x[:1], "inference")
     tower.train().set_grad_checkpointing(True)
-    opt = torch.optim.AdamW(tower.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    opt = torch.optim.AdamW(tower.parameters(), lr=1e-4, fused=_seam(device).fused_optimizer)
 
     def step():
         with _autocast(device, "bf16"):
@@ -588,9 +593,10 @@ def plot_clipa(result: dict, path: Path) -> Path:
 
 
 def _run_clipa(args: argparse.Namespace) -> int:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    batch = args.clipa_batch or (CLIPA_DEVICE_BATCH if device.type != "cpu" else CLIPA_CPU_BATCH)
-    repeats = args.repeats or (CLIPA_DEVICE_REPEATS if device.type != "cpu" else CLIPA_CPU_REPEATS)
+    device = _device(args.device)
+    accelerator = _seam(device).is_accelerator
+    batch = args.clipa_batch or (CLIPA_DEVICE_BATCH if accelerator else CLIPA_CPU_BATCH)
+    repeats = args.repeats or (CLIPA_DEVICE_REPEATS if accelerator else CLIPA_CPU_REPEATS)
     model = "crate-alpha-demo" if args.quick else "crate-alpha-CLIPA-L-14"
     result = clipa_resolution(model, CLIPA_SIZES if not args.quick else (16, 32, 64), batch, device, repeats)
     for r in result["rows"]:
