@@ -44,6 +44,7 @@ CLI := $(VENV)/bin/crate-alpha
 bench: $(STAMP) $(XLA_STAMP)
 	$(CLI) bench
 	$(CLI) bench --clipa
+	$(CLI) bench --optimizer
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/crate-alpha bench --xla
 	$(CLI) data bench
 

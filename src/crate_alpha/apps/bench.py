@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                    f"GPU, the recipe's; {CLIPA_CPU_BATCH} on a CPU)")
     p.add_argument("--xla", action="store_true", help="train step on XLA:CPU beside eager CPU (needs torch_xla: "
                                                       ".venv-xla); writes xla.json beside --out")
+    p.add_argument("--optimizer", action="store_true", help="one AdamW step, torch's fused kernel against its default, "
+                                                            "over CRATE-α parameters (writes optimizer.json beside --out)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +102,11 @@ def _resolve(args: argparse.Namespace, defaults: Dict) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "clipa", False):
         return _run_clipa(args)
+    if getattr(args, "optimizer", False):
+        from .bench_optimizer import run as bench_optimizer
+
+        bench_optimizer(_device(args.device), Path(args.out).with_name("optimizer.json"))
+        return 0
     if args.xla:
         return _run_xla(_resolve(args, XLA_QUICK if args.quick else XLA_DEFAULTS))
     a = _resolve(args, QUICK if args.quick else DEFAULTS)
@@ -508,8 +515,6 @@ def _run_xla(a: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(run(_parser().parse_args()))
 
 
 # --------------------------------------------------------------------------------------
@@ -606,3 +611,7 @@ def _run_clipa(args: argparse.Namespace) -> int:
     write_json(result, out)
     print(f"wrote {out} and {plot_clipa(result, out.with_suffix('.png'))}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(_parser().parse_args()))

@@ -15,8 +15,8 @@ import torch
 MODELS = ("crate_alpha_demo_patch8_64", "crate_alpha_base_patch16_224")
 
 
-def step_seconds(params: List[torch.nn.Parameter], fused: bool, repeats: int = 10) -> float:
-    """Median seconds of one AdamW step (open_clip_train's settings) over ``params``."""
+def step_seconds(params: List[torch.nn.Parameter], fused: bool, device, repeats: int = 10) -> float:
+    """Median seconds of one AdamW step (open_clip_train's settings) over ``params`` (on ``device``, a seam Device)."""
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.2,
                             fused=True if fused else None)
     opt.step()  # the state is allocated at the first step: not timed
@@ -24,14 +24,17 @@ def step_seconds(params: List[torch.nn.Parameter], fused: bool, repeats: int = 1
     for _ in range(repeats):
         t = time.perf_counter()
         opt.step()
-        if params[0].device.type == "cuda":
-            torch.cuda.synchronize()
+        device.synchronize(params[0].device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
 def bench_optimizer(device: torch.device, models=MODELS, repeats: int = 10) -> List[Dict]:
     import timm
+
+    from ..device import for_name
+
+    seam = for_name(device.type)
 
     rows = []
     for name in models:
@@ -41,7 +44,7 @@ def bench_optimizer(device: torch.device, models=MODELS, repeats: int = 10) -> L
             p.grad = torch.randn_like(p) * 1e-3
         row = {"model": name, "device": str(device), "parameters": sum(p.numel() for p in params)}
         for fused in (False, True):
-            row["fused_s" if fused else "default_s"] = step_seconds(params, fused, repeats)
+            row["fused_s" if fused else "default_s"] = step_seconds(params, fused, seam, repeats)
         row["speedup"] = row["default_s"] / row["fused_s"]
         rows.append(row)
         print(f"AdamW step {name:<32} {row['parameters'] / 1e6:7.1f} M params  default {1e3 * row['default_s']:8.1f} ms"

@@ -137,8 +137,6 @@ def device_of(cfg: dict) -> Device:
 def build_model(cfg: dict, num_classes: int) -> nn.Module:
     import timm
 
-    import crate_alpha  # noqa: F401
-
     name = cfg["model"]
     kwargs = {"num_classes": num_classes, "img_size": cfg["img_size"], "drop_path_rate": cfg["drop_path"]}
     if name.startswith("local-dir:"):

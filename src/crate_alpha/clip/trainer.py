@@ -200,10 +200,7 @@ def _rank() -> int:
 
 def run(recipe: str | None, overrides=(), dry_run: bool = False) -> dict:
     cfg = load(recipe, overrides)
-    if device_of(cfg) == "xla":
-        from ..device import xla
-
-        xla.check_ready(cfg["fsdp"])
+    device_of(cfg).check_ready()
     if cfg["lock_text"] and not cfg["text_init"] and not cfg["init_from"]:
         raise RecipeError("lock_text=True would freeze a randomly initialised text tower: set text_init=CHECKPOINT "
                           "(an open_clip checkpoint with a pre-trained text encoder) or lock_text=False")
