@@ -171,22 +171,22 @@ class _TimmMlp:
         return self.mlp.act(self.mlp.fc1(x))
 
 
-def _attention_view(attn: nn.Module):
-    """The attention operator itself when it speaks the protocol, timm's through its adapter, else None."""
-    if hasattr(attn, "subspace_features"):
-        return attn
-    if isinstance(attn, TimmAttention):
-        return _TimmAttention(attn)
+def _protocol_view(module: nn.Module, method: str, timm_type: type, adapter):
+    """``module`` itself when it speaks the protocol (has ``method``), timm's ``timm_type`` through
+    its ``adapter``, else None."""
+    if hasattr(module, method):
+        return module
+    if isinstance(module, timm_type):
+        return adapter(module)
     return None
+
+
+def _attention_view(attn: nn.Module):
+    return _protocol_view(attn, "subspace_features", TimmAttention, _TimmAttention)
 
 
 def _coding_view(mlp: nn.Module):
-    """The sparse-coding operator when it speaks the protocol, timm's Mlp through its adapter, else None."""
-    if hasattr(mlp, "sparse_code"):
-        return mlp
-    if isinstance(mlp, TimmMlp):
-        return _TimmMlp(mlp)
-    return None
+    return _protocol_view(mlp, "sparse_code", TimmMlp, _TimmMlp)
 
 
 def _kind(mlp: nn.Module) -> str:
