@@ -398,7 +398,7 @@ def test_open_clip_train_loader_throughput(tmp_path):
 
 def test_batch_normalize_equals_per_image():
     from crate_alpha.data.decode import BatchNormalize, ToNormalizedTensor, ToUint8Tensor
-    from crate_alpha.clip.patches import NormalizedLoader
+    from crate_alpha.data.loader import NormalizedLoader
 
     mean, std = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
     rgbs = [np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8) for i in range(3)]
