@@ -34,8 +34,8 @@ def clear_runs(folders) -> None:
     trainer's own mark, which at the demo's own path is the demo's run too.
     """
     folders = [Path(f) for f in folders]
-    kinds = {f: owner_kind(f) if owner_kind(f) in (run_folder.CLIP_RUN, run_folder.CLASSIFIER_RUN) else DEMO_RUN
-             for f in folders}
+    trainers = (run_folder.CLIP_RUN, run_folder.CLASSIFIER_RUN)
+    kinds = {f: k if (k := owner_kind(f)) in trainers else DEMO_RUN for f in folders}
     for f in folders:  # every folder checked before any is deleted
         check_may_write(f, kinds[f])
     for f in folders:

@@ -32,15 +32,17 @@ is its own extension point; a model type is added to it (``register_compiled_ope
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
+from PIL import Image
 
 from ..common import swapped
-from ..data.decode import SkipCounter
+from ..data.decode import SkipCounter, check_area
 
 # (module, attribute, a line of that module's source that uses the attribute as replaced)
 PATCHES = (
@@ -152,12 +154,6 @@ class _PilThen:
         self.transform = transform
 
     def __call__(self, data: bytes):
-        import io
-
-        from PIL import Image
-
-        from ..data.decode import check_area
-
         check_area(data)
         with Image.open(io.BytesIO(data)) as im:
             return self.transform(im.convert("RGB"))
